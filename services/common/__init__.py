@@ -1,0 +1,1 @@
+"""Shared runtime of every knowserve gRPC service: settings, errors, server factory, metrics, clients."""

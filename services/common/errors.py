@@ -1,0 +1,118 @@
+"""Domain errors raised by service cores, and the gRPC status code each one maps to.
+
+Cores raise these (never grpc errors); the interceptor in :mod:`services.common.server`
+turns them into status codes. Anything else becomes INTERNAL with a generic message.
+
+>>> err = InvalidArgument("top_k", "must be between 1 and 100, got 0")
+>>> str(err)
+'top_k: must be between 1 and 100, got 0'
+>>> err.code.name
+'INVALID_ARGUMENT'
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class KnowserveError(Exception):
+    """Base of all domain errors; ``code`` is the gRPC status it maps to."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidArgument(KnowserveError):
+    """Bad input. The message names the offending field (``items[3].completion``) and the limit."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+class NotFound(KnowserveError):
+    """A named thing (run, recipe, document) does not exist."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(KnowserveError):
+    """Creating something whose id is taken."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class FailedPrecondition(KnowserveError):
+    """The request is valid but the system is not in a state to do it (e.g. a checkpoint that fails to load)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Unavailable(KnowserveError):
+    """The service or one it depends on cannot answer now; the message names the cause. Retrying may help."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class ResourceExhausted(KnowserveError):
+    """A capacity limit (queue, batch, memory) is reached."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class DeadlineExceeded(KnowserveError):
+    """The request's deadline passed before the work finished."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Unauthenticated(KnowserveError):
+    """Missing or wrong bearer token."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+def check_text(field: str, value: str, *, max_bytes: int, allow_empty: bool = False) -> str:
+    """Validate a user string: not blank (unless allowed), at most ``max_bytes`` of UTF-8, no lone surrogates.
+
+    protobuf already rejects invalid UTF-8 on the wire; strings built in-process may still hold
+    lone surrogates, which cannot be stored or indexed.
+
+    >>> check_text("query", "who wrote Hamlet?", max_bytes=100)
+    'who wrote Hamlet?'
+    >>> check_text("query", "  ", max_bytes=100)
+    Traceback (most recent call last):
+    ...
+    services.common.errors.InvalidArgument: query: must not be empty or whitespace
+    """
+    if not allow_empty and not value.strip():
+        raise InvalidArgument(field, "must not be empty or whitespace")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidArgument(field, "is not valid UTF-8") from None
+    if size > max_bytes:
+        raise InvalidArgument(field, f"is {size} bytes, above the limit of {max_bytes} bytes")
+    return value
+
+
+def check_range(field: str, value: float, *, low: float, high: float) -> None:
+    """Reject ``value`` outside ``[low, high]`` with a message naming the field and the bounds.
+
+    >>> check_range("top_k", 5, low=1, high=100)
+    >>> check_range("top_k", 500, low=1, high=100)
+    Traceback (most recent call last):
+    ...
+    services.common.errors.InvalidArgument: top_k: must be between 1 and 100, got 500
+    """
+    if not (low <= value <= high):
+        raise InvalidArgument(field, f"must be between {low} and {high}, got {value}")

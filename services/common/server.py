@@ -1,0 +1,319 @@
+"""The asyncio gRPC server every knowserve service runs on.
+
+One factory gives every service the same behaviour:
+
+* standard ``grpc.health.v1.Health``: NOT_SERVING until the service calls :meth:`GrpcServer.set_ready`,
+  NOT_SERVING again while draining;
+* server reflection (``grpcurl list`` works);
+* one interceptor that maps domain errors (:mod:`services.common.errors`) to status codes,
+  applies a default deadline, checks the bearer token and records metrics;
+* max message size and max concurrent calls from settings; optional TLS / mTLS;
+* graceful SIGTERM drain: health goes NOT_SERVING, new calls are refused, in-flight calls finish.
+
+Usage (see ``services/retrieval/__main__.py``)::
+
+    server = GrpcServer(settings, [ServiceBinding("knowserve.retrieval.v1.RetrievalService", add_fn, servicer)])
+    await server.start()
+    ...load models...
+    await server.set_ready()
+    await server.wait_for_termination()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.common import metrics
+from services.common.errors import KnowserveError
+from services.common.settings import ServiceSettings
+
+log = logging.getLogger(__name__)
+
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+INTERNAL_MESSAGE = "internal error; the service log has the details"
+
+
+@dataclass(frozen=True)
+class ServiceBinding:
+    """A generated ``add_XServicer_to_server`` function with its servicer and fully-qualified service name."""
+
+    full_name: str
+    add_to_server: Callable[[Any, grpc.aio.Server], None]
+    servicer: Any
+
+
+class _Interceptor(grpc.aio.ServerInterceptor):
+    """Auth, default deadline, domain-error mapping and metrics around every handler."""
+
+    def __init__(self, service: str, token: str | None, default_deadline: float):
+        self.service = service
+        self.token = token
+        self.default_deadline = default_deadline
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        full_method = handler_call_details.method
+        method = full_method.rsplit("/", 1)[-1]
+        needs_auth = self.token is not None and not full_method.startswith(HEALTH_PREFIX)
+        if needs_auth:
+            given = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
+            authorized = hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode())
+        else:
+            authorized = True
+
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(handler.unary_unary, method, authorized),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(handler.unary_stream, method, authorized),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler  # client-streaming methods: none in knowserve's protos
+
+    async def _fail(self, context, exc: BaseException) -> tuple[grpc.StatusCode, str]:
+        """The status code and client-facing message for ``exc``; unknown errors are logged with their trace."""
+        if isinstance(exc, KnowserveError):
+            code, message = exc.code, str(exc)
+            log.info("rpc failed", extra={"code": code.name, "detail": message})
+        elif isinstance(exc, TimeoutError):
+            code, message = grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the work finished"
+        else:
+            code, message = grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
+            log.error("unhandled error in rpc", exc_info=exc)
+        return code, message
+
+    def _wrap_unary(self, behavior, method: str, authorized: bool):
+        async def wrapped(request, context: grpc.aio.ServicerContext):
+            start = time.perf_counter()
+            code = grpc.StatusCode.OK
+            metrics.RPC_IN_FLIGHT.labels(self.service).inc()
+            try:
+                if not authorized:
+                    code = grpc.StatusCode.UNAUTHENTICATED
+                    await context.abort(code, "missing or wrong bearer token (metadata 'authorization: Bearer <token>')")
+                remaining = context.time_remaining()
+                timeout = self.default_deadline if remaining is None else remaining
+                try:
+                    async with asyncio.timeout(timeout):
+                        return await behavior(request, context)
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - this is the one place errors are mapped
+                    code, message = await self._fail(context, exc)
+                    await context.abort(code, message)
+            except grpc.aio.AbortError:
+                if code == grpc.StatusCode.OK:
+                    code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            finally:
+                metrics.RPC_IN_FLIGHT.labels(self.service).dec()
+                metrics.RPC_REQUESTS.labels(self.service, method, code.name).inc()
+                metrics.RPC_DURATION.labels(self.service, method).observe(time.perf_counter() - start)
+
+        return wrapped
+
+    def _wrap_stream(self, behavior, method: str, authorized: bool):
+        async def wrapped(request, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            start = time.perf_counter()
+            code = grpc.StatusCode.OK
+            metrics.RPC_IN_FLIGHT.labels(self.service).inc()
+            try:
+                if not authorized:
+                    code = grpc.StatusCode.UNAUTHENTICATED
+                    await context.abort(code, "missing or wrong bearer token (metadata 'authorization: Bearer <token>')")
+                try:
+                    async for item in behavior(request, context):
+                        yield item
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:  # noqa: BLE001
+                    code, message = await self._fail(context, exc)
+                    await context.abort(code, message)
+            except grpc.aio.AbortError:
+                if code == grpc.StatusCode.OK:
+                    code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except (asyncio.CancelledError, GeneratorExit):
+                code = grpc.StatusCode.CANCELLED
+                raise
+            finally:
+                metrics.RPC_IN_FLIGHT.labels(self.service).dec()
+                metrics.RPC_REQUESTS.labels(self.service, method, code.name).inc()
+                metrics.RPC_DURATION.labels(self.service, method).observe(time.perf_counter() - start)
+
+        return wrapped
+
+
+class GrpcServer:
+    """An asyncio gRPC server with health, reflection, the shared interceptor, metrics and drain."""
+
+    def __init__(self, settings: ServiceSettings, bindings: Sequence[ServiceBinding], *, shutdown_delay: float = 0.0):
+        self.settings = settings
+        self.service = settings.service_name
+        self.bindings = list(bindings)
+        self.shutdown_delay = shutdown_delay
+        self.port: int = 0
+        self.metrics_port: int | None = None
+        self._health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._metrics_http = None
+        self._stopping: asyncio.Task | None = None
+        self._stopped = asyncio.Event()
+
+    @property
+    def address(self) -> str:
+        """host:port clients connect to."""
+        host = "127.0.0.1" if self.settings.host in ("0.0.0.0", "::", "[::]") else self.settings.host
+        return f"{host}:{self.port}"
+
+    async def start(self) -> None:
+        """Bind the port (and /metrics), register services; health stays NOT_SERVING until :meth:`set_ready`."""
+        s = self.settings
+        self._server = grpc.aio.server(
+            interceptors=[_Interceptor(self.service, s.resolved_auth_token(), s.default_deadline_seconds)],
+            options=[
+                ("grpc.max_receive_message_length", s.max_message_bytes),
+                ("grpc.max_send_message_length", s.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+            maximum_concurrent_rpcs=s.max_concurrent_rpcs,
+        )
+        for b in self.bindings:
+            b.add_to_server(b.servicer, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        names = [b.full_name for b in self.bindings]
+        reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server)
+        await self._set_health(False)
+
+        address = f"{s.host}:{s.port}"
+        if s.tls_cert_file is not None:
+            ca = Path(s.tls_client_ca_file).read_bytes() if s.tls_client_ca_file else None
+            creds = grpc.ssl_server_credentials(
+                [(Path(s.tls_key_file).read_bytes(), Path(s.tls_cert_file).read_bytes())],
+                root_certificates=ca,
+                require_client_auth=ca is not None,
+            )
+            self.port = self._server.add_secure_port(address, creds)
+        else:
+            self.port = self._server.add_insecure_port(address)
+        if self.port == 0:
+            raise RuntimeError(f"could not bind {address}: is the port in use?")
+        await self._server.start()
+        if s.metrics_port is not None:
+            self._metrics_http = metrics.start_metrics_server(s.host, s.metrics_port)
+            self.metrics_port = self._metrics_http.server_port
+        metrics.record_build_info(self.service)
+        log.info(
+            "listening",
+            extra={"port": self.port, "metrics_port": self.metrics_port, "tls": s.tls_cert_file is not None},
+        )
+
+    async def _set_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ["", *(b.full_name for b in self.bindings)]:
+            await self._health.set(name, status)
+        metrics.SERVING.labels(self.service).set(1 if serving else 0)
+
+    async def set_ready(self, ready: bool = True) -> None:
+        """Report SERVING (or NOT_SERVING) on the health service for every registered service."""
+        await self._set_health(ready)
+        log.info("serving" if ready else "not serving")
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM / SIGINT start a graceful drain (see :meth:`stop`)."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+
+    def request_stop(self) -> None:
+        """Begin a drain from a signal handler or a test; idempotent."""
+        if self._stopping is None:
+            self._stopping = asyncio.get_running_loop().create_task(self.stop())
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: health NOT_SERVING, wait ``shutdown_delay`` for load balancers, refuse new calls,
+        let in-flight calls finish for up to ``grace`` seconds, then stop."""
+        if self._server is None:
+            return
+        grace = self.settings.grace_seconds if grace is None else grace
+        log.info("draining", extra={"grace_seconds": grace})
+        await self._set_health(False)
+        await self._health.enter_graceful_shutdown()
+        if self.shutdown_delay:
+            await asyncio.sleep(self.shutdown_delay)
+        await self._server.stop(grace)
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+        self._stopped.set()
+        log.info("stopped")
+
+    async def wait_for_termination(self) -> None:
+        """Block until the server has stopped (after a drain)."""
+        await self._stopped.wait()
+
+
+class ServiceApp:
+    """What a service plugs into :func:`serve`: its bindings plus start-up and shut-down hooks."""
+
+    bindings: list[ServiceBinding]
+
+    async def startup(self) -> None:
+        """Load models, open indexes, wait for dependencies. Health turns SERVING after this returns."""
+
+    async def shutdown(self) -> None:
+        """Release resources after the server stopped."""
+
+
+async def serve(settings: ServiceSettings, app: ServiceApp, *, on_listening: Callable[[GrpcServer], None] | None = None) -> None:
+    """Run ``app`` until SIGTERM/SIGINT: bind, start up, report SERVING, drain, shut down."""
+    server = GrpcServer(settings, app.bindings)
+    await server.start()
+    server.install_signal_handlers()
+    if on_listening is not None:
+        on_listening(server)
+    try:
+        await app.startup()
+    except Exception:
+        log.exception("start-up failed; stopping")
+        await server.stop(0)
+        await app.shutdown()
+        raise
+    await server.set_ready()
+    await server.wait_for_termination()
+    await app.shutdown()
+
+
+def run_main(settings: ServiceSettings, app_factory: Callable[[ServiceSettings], ServiceApp]) -> int:
+    """Entry point body of ``python -m services.<name>``: logging, serve, exit code 0 after a clean drain."""
+    from services.common.logs import configure_logging
+
+    configure_logging(settings.service_name, settings.log_level, settings.log_json)
+
+    async def _main() -> None:
+        await serve(settings, app_factory(settings))
+
+    asyncio.run(_main())
+    return 0

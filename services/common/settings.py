@@ -1,0 +1,70 @@
+"""Typed settings shared by every service; each service subclasses :class:`ServiceSettings`.
+
+Every field is read from the environment as ``KNOWSERVE_<SVC>_<FIELD>`` (the Helm chart
+sets the same names), e.g. ``KNOWSERVE_RETRIEVAL_PORT=50051``. Bad combinations are
+rejected at start-up with a message that names the fix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServiceSettings(BaseSettings):
+    """Transport, limits, security and logging settings of one gRPC service."""
+
+    model_config = SettingsConfigDict(env_prefix="KNOWSERVE_", extra="ignore", validate_default=True)
+
+    #: Short service name ("retrieval"); labels metrics and logs.
+    service_name: ClassVar[str] = "service"
+
+    host: str = Field("127.0.0.1", description="Interface to bind; 0.0.0.0 in containers.")
+    port: int = Field(0, ge=0, le=65535, description="gRPC port; 0 picks a free port (tests).")
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="Prometheus /metrics HTTP port; 0 picks a free port, unset disables."
+    )
+    max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest request or response message.")
+    default_deadline_seconds: float = Field(
+        120.0, gt=0, description="Deadline applied to calls that arrive without one."
+    )
+    max_concurrent_rpcs: int = Field(256, ge=1, description="Calls in flight before new ones get RESOURCE_EXHAUSTED.")
+    grace_seconds: float = Field(20.0, ge=0, description="On SIGTERM, how long in-flight calls may take to finish.")
+    tls_cert_file: Path | None = Field(None, description="Server certificate (PEM); enables TLS.")
+    tls_key_file: Path | None = Field(None, description="Server private key (PEM).")
+    tls_client_ca_file: Path | None = Field(None, description="CA bundle for client certificates; enables mTLS.")
+    auth_token: SecretStr | None = Field(None, description="Bearer token clients must send; enables auth.")
+    auth_token_file: Path | None = Field(None, description="File holding the bearer token (a mounted Secret).")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_json: bool = Field(True, description="One JSON object per log line; false for human-readable lines.")
+
+    @model_validator(mode="after")
+    def _check_security(self) -> "ServiceSettings":
+        prefix = self.model_config.get("env_prefix", "KNOWSERVE_")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError(f"TLS needs both {prefix}TLS_CERT_FILE and {prefix}TLS_KEY_FILE; set both or neither")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError(
+                f"{prefix}TLS_CLIENT_CA_FILE (mTLS) needs server TLS: set {prefix}TLS_CERT_FILE and {prefix}TLS_KEY_FILE"
+            )
+        for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "auth_token_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{prefix}{name.upper()}={path} does not exist; fix the path or unset it")
+        if self.auth_token is not None and self.auth_token_file is not None:
+            raise ValueError(f"set only one of {prefix}AUTH_TOKEN and {prefix}AUTH_TOKEN_FILE")
+        return self
+
+    def resolved_auth_token(self) -> str | None:
+        """The bearer token clients must send, or None when auth is off."""
+        if self.auth_token is not None:
+            return self.auth_token.get_secret_value()
+        if self.auth_token_file is not None:
+            token = Path(self.auth_token_file).read_text().strip()
+            if not token:
+                raise ValueError(f"auth token file {self.auth_token_file} is empty")
+            return token
+        return None
