@@ -71,6 +71,9 @@ class ServiceClient(Generic[StubT]):
         channel_options = [
             ("grpc.max_receive_message_length", o.max_message_bytes),
             ("grpc.max_send_message_length", o.max_message_bytes),
+            # reconnect quickly after a restart; the call-level retry does the backing off
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 2000),
         ]
         if o.tls_ca_file is not None:
             creds = grpc.ssl_channel_credentials(
