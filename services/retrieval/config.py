@@ -39,6 +39,7 @@ class RetrievalSettings(ServiceSettings):
     title_boost: float = Field(2.0, gt=0, description="BM25 weight of the title field relative to the text.")
     rrf_k: int = Field(60, ge=1, description="Reciprocal-rank-fusion constant of HYBRID mode.")
     encode_batch_size: int = Field(64, ge=1)
+    encode_max_tokens: int = Field(128, ge=16, le=512, description="Tokens of each passage the encoder reads.")
 
     es_url: str = Field("http://127.0.0.1:9200", description="Elasticsearch/OpenSearch URL (backend=elasticsearch).")
     es_index: str = Field("knowserve-passages")

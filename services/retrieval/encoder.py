@@ -28,13 +28,14 @@ class SentenceEncoder:
     (1, 384)
     """
 
-    def __init__(self, path: Path | None = None, batch_size: int = 64):
+    def __init__(self, path: Path | None = None, batch_size: int = 64, max_seq_length: int = 128):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         from sentence_transformers import SentenceTransformer
 
         self.path = Path(path) if path else default_encoder_path()
         self.model = SentenceTransformer(str(self.path), device="cpu")
+        self.model.max_seq_length = max_seq_length  # MiniLM was trained on 128-token inputs; longer costs 2x
         self.batch_size = batch_size
         self.dim = int(self.model.get_embedding_dimension() if hasattr(self.model, "get_embedding_dimension")
                        else self.model.get_sentence_embedding_dimension())

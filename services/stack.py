@@ -1,0 +1,178 @@
+"""The local stack: every configured service as a local process, with ports, data and logs under one run directory.
+
+``knowserve up`` starts them (settings come from the same ``KNOWSERVE_<SVC>_*`` variables the Helm chart sets),
+waits until all report SERVING and prints a table; ``knowserve status`` re-checks; ``knowserve down`` sends
+SIGTERM to the processes it started (recorded in ``<run dir>/stack.json``) and to nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from services.common.clients import ServiceClient
+from services.common.settings import ServiceSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _registry() -> dict[str, type[ServiceSettings]]:
+    """Services the stack can run, in start order (dependencies first)."""
+    from services.retrieval.config import RetrievalSettings
+
+    return {"retrieval": RetrievalSettings}
+
+
+@dataclass
+class Proc:
+    name: str
+    pid: int
+    port: int
+    metrics_port: int | None
+    log: str
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+def run_dir() -> Path:
+    return Path(os.environ.get("KNOWSERVE_RUN_DIR", ".knowserve")).resolve()
+
+
+def configured_services(requested: str | None) -> list[str]:
+    known = _registry()
+    names = [n.strip() for n in (requested or os.environ.get("KNOWSERVE_STACK_SERVICES", "")).split(",") if n.strip()]
+    names = names or list(known)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"unknown service(s) {unknown}; the stack knows {list(known)}")
+    return names
+
+
+def _state_path() -> Path:
+    return run_dir() / "stack.json"
+
+
+def load_state() -> dict[str, Proc]:
+    path = _state_path()
+    if not path.exists():
+        return {}
+    return {name: Proc(**p) for name, p in json.loads(path.read_text()).items()}
+
+
+def _save_state(procs: dict[str, Proc]) -> None:
+    _state_path().parent.mkdir(parents=True, exist_ok=True)
+    _state_path().write_text(json.dumps({n: asdict(p) for n, p in procs.items()}, indent=2))
+
+
+def _ours(proc: Proc) -> bool:
+    """True if ``proc.pid`` is still the service process we started (not a recycled pid)."""
+    try:
+        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return False
+    return f"services.{proc.name}" in cmdline
+
+
+def _service_env(name: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    prefix = f"KNOWSERVE_{name.upper()}_"
+    env.setdefault(prefix + "DATA_DIR", str(run_dir() / "data" / name))
+    return env
+
+
+async def _health(procs: dict[str, Proc]) -> dict[str, str]:
+    async def one(p: Proc) -> str:
+        if not _ours(p):
+            return "EXITED"
+        async with ServiceClient(p.name, p.target, lambda ch: None) as c:
+            return await c.check_health(timeout=1.0)
+
+    results = await asyncio.gather(*(one(p) for p in procs.values()))
+    return dict(zip(procs, results))
+
+
+def print_table(procs: dict[str, Proc], health: dict[str, str], console: Console | None = None) -> None:
+    table = Table(title=f"knowserve stack ({run_dir()})")
+    for col in ("service", "pid", "gRPC", "metrics", "health", "log"):
+        table.add_column(col)
+    for name, p in procs.items():
+        status = health.get(name, "?")
+        style = "green" if status == "SERVING" else "red"
+        metrics = f"http://127.0.0.1:{p.metrics_port}/metrics" if p.metrics_port else "-"
+        table.add_row(name, str(p.pid), p.target, metrics, f"[{style}]{status}[/{style}]", p.log)
+    (console or Console()).print(table)
+
+
+def up(services: str | None = None, timeout: float = 180.0) -> dict[str, Proc]:
+    """Start the configured services not already running; wait for SERVING; print the table."""
+    procs = {n: p for n, p in load_state().items() if _ours(p)}
+    logs = run_dir() / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    registry = _registry()
+    for name in configured_services(services):
+        if name in procs:
+            continue
+        env = _service_env(name)
+        settings = registry[name]()  # reads the same KNOWSERVE_<SVC>_* names as the service will
+        log_path = logs / f"{name}.log"
+        with log_path.open("ab") as log_file:
+            popen = subprocess.Popen([sys.executable, "-m", f"services.{name}"], cwd=ROOT, env=env,
+                                     stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
+        procs[name] = Proc(name, popen.pid, settings.port, settings.metrics_port, str(log_path))
+        _save_state(procs)
+    deadline = time.monotonic() + timeout
+    while True:
+        health = asyncio.run(_health(procs))
+        if all(h == "SERVING" for h in health.values()):
+            break
+        exited = [n for n, h in health.items() if h == "EXITED"]
+        if exited or time.monotonic() > deadline:
+            print_table(procs, health)
+            for n in exited or [n for n, h in health.items() if h != "SERVING"]:
+                tail = Path(procs[n].log).read_text(errors="replace").splitlines()[-15:]
+                print(f"--- {n} log tail ({procs[n].log}) ---\n" + "\n".join(tail), file=sys.stderr)
+            raise SystemExit(f"stack not SERVING: {', '.join(exited) or 'timed out'}; see the logs above")
+        time.sleep(0.3)
+    print_table(procs, health)
+    return procs
+
+
+def status() -> int:
+    procs = load_state()
+    if not procs:
+        print(f"no stack running under {run_dir()}; start one with `knowserve up`")
+        return 1
+    health = asyncio.run(_health(procs))
+    print_table(procs, health)
+    return 0 if all(h == "SERVING" for h in health.values()) else 1
+
+
+def down(timeout: float = 30.0) -> int:
+    """SIGTERM our own processes (graceful drain), SIGKILL any left after ``timeout``."""
+    procs = load_state()
+    live = {n: p for n, p in procs.items() if _ours(p)}
+    for p in live.values():
+        os.kill(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while live and time.monotonic() < deadline:
+        live = {n: p for n, p in live.items() if _ours(p)}
+        time.sleep(0.1)
+    for p in live.values():
+        os.kill(p.pid, signal.SIGKILL)
+    _state_path().unlink(missing_ok=True)
+    print(f"stopped {len(procs)} service(s)" + (f"; killed {list(live)}" if live else ""))
+    return 0
