@@ -36,7 +36,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common import metrics
-from services.common.errors import KnowserveError
+from services.common.errors import InvalidArgument, KnowserveError
 from services.common.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,32 @@ class ServiceBinding:
     full_name: str
     add_to_server: Callable[[Any, grpc.aio.Server], None]
     servicer: Any
+
+
+class _BadRequest:
+    """Stands in for a request whose bytes did not parse (e.g. invalid UTF-8 in a string field)."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _lenient(deserializer):
+    """Wrap a request deserializer so a parse failure reaches the handler (-> INVALID_ARGUMENT), not INTERNAL."""
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError / RuntimeWarning subclasses
+            return _BadRequest(exc)
+
+    return parse
+
+
+def _check_parsed(request) -> None:
+    if isinstance(request, _BadRequest):
+        raise InvalidArgument("request", f"could not be parsed (invalid UTF-8 in a string field?): {request.error}")
 
 
 class _Interceptor(grpc.aio.ServerInterceptor):
@@ -78,13 +104,13 @@ class _Interceptor(grpc.aio.ServerInterceptor):
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(handler.unary_unary, method, authorized),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
                 self._wrap_stream(handler.unary_stream, method, authorized),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler  # client-streaming methods: none in knowserve's protos
@@ -113,6 +139,7 @@ class _Interceptor(grpc.aio.ServerInterceptor):
                 remaining = context.time_remaining()
                 timeout = self.default_deadline if remaining is None else remaining
                 try:
+                    _check_parsed(request)
                     async with asyncio.timeout(timeout):
                         return await behavior(request, context)
                 except grpc.aio.AbortError:
@@ -144,6 +171,7 @@ class _Interceptor(grpc.aio.ServerInterceptor):
                     code = grpc.StatusCode.UNAUTHENTICATED
                     await context.abort(code, "missing or wrong bearer token (metadata 'authorization: Bearer <token>')")
                 try:
+                    _check_parsed(request)
                     async for item in behavior(request, context):
                         yield item
                 except grpc.aio.AbortError:

@@ -318,5 +318,8 @@ class EmbeddedBackend:
         )
 
     def close(self) -> None:
+        """Finish merges and release the index lock; idempotent."""
         with self.lock:
-            self.writer.wait_merging_threads()
+            if self.writer is not None:
+                self.writer.wait_merging_threads()  # consumes the writer
+                self.writer = None

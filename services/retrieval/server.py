@@ -65,33 +65,33 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
         )
 
 
-def build_backend(settings: RetrievalSettings):
-    """The configured backend; loads the encoder when dense vectors are on."""
+def build_backend(settings: RetrievalSettings, encoder=None):
+    """The configured backend; loads the encoder when dense vectors are on (or uses the one given)."""
     if settings.backend == "elasticsearch":
         from services.retrieval.elastic import ElasticsearchBackend
 
         return ElasticsearchBackend(settings)
     from services.retrieval.embedded import EmbeddedBackend
 
-    encoder = None
-    if settings.dense:
+    if settings.dense and encoder is None:
         from services.retrieval.encoder import SentenceEncoder
 
         encoder = SentenceEncoder(settings.encoder_path, settings.encode_batch_size, settings.encode_max_tokens)
-    return EmbeddedBackend(settings, encoder)
+    return EmbeddedBackend(settings, encoder if settings.dense else None)
 
 
 class RetrievalApp(ServiceApp):
     """The retrieval service: backend opened (and encoder loaded) at start-up, before health turns SERVING."""
 
-    def __init__(self, settings: RetrievalSettings):
+    def __init__(self, settings: RetrievalSettings, encoder=None):
         self.settings = settings
+        self.encoder = encoder  # an already-loaded SentenceEncoder to share (tests, benchmarks); None loads one
         self.core: RetrievalCore | None = None
         self.bindings = [ServiceBinding(pb.DESCRIPTOR.services_by_name["RetrievalService"].full_name,
                                         pb_grpc.add_RetrievalServiceServicer_to_server, RetrievalServicer(self))]
 
     async def startup(self) -> None:
-        backend = await asyncio.to_thread(build_backend, self.settings)
+        backend = await asyncio.to_thread(build_backend, self.settings, self.encoder)
         self.core = RetrievalCore(self.settings, backend)
 
     async def shutdown(self) -> None:
