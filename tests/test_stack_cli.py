@@ -1,0 +1,60 @@
+"""`knowserve up / status / edit / search / ingest / down` as a user runs them, against real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import ROOT, free_port
+
+
+def knowserve(env, *args, check=True):
+    return subprocess.run([sys.executable, "-m", "services.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, check=check, timeout=240)
+
+
+def test_local_stack_lifecycle(tmp_path, subprocess_env):
+    port = free_port()
+    env = dict(subprocess_env, KNOWSERVE_RUN_DIR=str(tmp_path / "run"), KNOWSERVE_RETRIEVAL_PORT=str(port),
+               KNOWSERVE_RETRIEVAL_METRICS_PORT=str(free_port()), KNOWSERVE_RETRIEVAL_DENSE="false",
+               KNOWSERVE_RETRIEVAL_DEFAULT_MODE="bm25", COLUMNS="200")
+    target = ["--target", f"127.0.0.1:{port}"]
+    try:
+        up = knowserve(env, "up", "--services", "retrieval")
+        assert "SERVING" in up.stdout and f"127.0.0.1:{port}" in up.stdout
+        state = json.loads((tmp_path / "run" / "stack.json").read_text())
+        pid = state["retrieval"]["pid"]
+        assert (tmp_path / "run" / "data" / "retrieval" / "tantivy").is_dir()  # data under the run dir
+
+        corpus = tmp_path / "c.jsonl"
+        corpus.write_text("\n".join(json.dumps({"id": f"c{i}", "title": f"City {i}", "text": f"city {i} is nice"})
+                                    for i in range(30)))
+        ingested = knowserve(env, "ingest", str(corpus), *target)
+        assert "ingested 30 documents" in ingested.stdout
+        knowserve(env, "edit", "add", "--id", "fix-1", "--title", "City 7", "--text", "city 7 is the capital", *target)
+        found = knowserve(env, "search", "capital city 7", "--top-k", "1", *target)
+        assert "city 7 is the capital" in found.stdout and "edit" in found.stdout
+        assert "deleted 1" in knowserve(env, "edit", "rm", "fix-1", *target).stdout
+        assert knowserve(env, "status").returncode == 0
+
+        down = knowserve(env, "down")
+        assert "stopped 1" in down.stdout
+        assert not Path(f"/proc/{pid}").exists() or "services.retrieval" not in Path(
+            f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        assert knowserve(env, "status", check=False).returncode == 1
+    finally:
+        knowserve(env, "down", check=False)
+
+
+def test_up_reports_a_service_that_fails_to_start(tmp_path, subprocess_env):
+    env = dict(subprocess_env, KNOWSERVE_RUN_DIR=str(tmp_path / "run"), KNOWSERVE_RETRIEVAL_PORT=str(free_port()),
+               KNOWSERVE_RETRIEVAL_METRICS_PORT=str(free_port()), KNOWSERVE_RETRIEVAL_DENSE="false",
+               KNOWSERVE_RETRIEVAL_DEFAULT_MODE="bm25", KNOWSERVE_RETRIEVAL_BACKEND="elasticsearch",
+               KNOWSERVE_RETRIEVAL_ES_URL=f"http://127.0.0.1:{free_port()}", KNOWSERVE_RETRIEVAL_ES_TIMEOUT_SECONDS="1")
+    result = knowserve(env, "up", "--services", "retrieval", "--timeout", "60", check=False)
+    knowserve(env, "down", check=False)
+    assert result.returncode != 0
+    assert "retrieval" in result.stderr and "not reachable" in result.stderr
