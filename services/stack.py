@@ -93,9 +93,14 @@ def _service_env(name: str) -> dict[str, str]:
     return env
 
 
-async def _health(procs: dict[str, Proc]) -> dict[str, str]:
+async def _health(procs: dict[str, Proc], started: dict[str, subprocess.Popen] | None = None) -> dict[str, str]:
+    """Health status per service; "EXITED" when its process is gone. Processes this call started are
+    checked through their Popen (right after fork, /proc/<pid>/cmdline still shows the parent)."""
+    started = started or {}
+
     async def one(p: Proc) -> str:
-        if not _ours(p):
+        alive = started[p.name].poll() is None if p.name in started else _ours(p)
+        if not alive:
             return "EXITED"
         async with ServiceClient(p.name, p.target, lambda ch: None) as c:
             return await c.check_health(timeout=1.0)
@@ -122,6 +127,7 @@ def up(services: str | None = None, timeout: float = 180.0) -> dict[str, Proc]:
     logs = run_dir() / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     registry = _registry()
+    started: dict[str, subprocess.Popen] = {}
     for name in configured_services(services):
         if name in procs:
             continue
@@ -132,11 +138,12 @@ def up(services: str | None = None, timeout: float = 180.0) -> dict[str, Proc]:
             popen = subprocess.Popen([sys.executable, "-m", f"services.{name}"], cwd=ROOT, env=env,
                                      stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      start_new_session=True)
+        started[name] = popen
         procs[name] = Proc(name, popen.pid, settings.port, settings.metrics_port, str(log_path))
         _save_state(procs)
     deadline = time.monotonic() + timeout
     while True:
-        health = asyncio.run(_health(procs))
+        health = asyncio.run(_health(procs, started))
         if all(h == "SERVING" for h in health.values()):
             break
         exited = [n for n, h in health.items() if h == "EXITED"]
