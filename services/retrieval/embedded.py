@@ -30,7 +30,7 @@ from services.retrieval.core import (
     SearchFilter,
     UpsertResult,
     apply_edit_boost,
-    clean_query,
+    query_terms,
     reciprocal_rank_fusion,
 )
 
@@ -148,16 +148,17 @@ class DenseStore:
             pos = field_pos[f.field]
             allowed = set(f.values)
             mask &= np.fromiter((m[pos] in allowed for m in self.meta), dtype=bool, count=self.n)
-        candidates = np.flatnonzero(mask)
-        if len(candidates) == 0:
+        n_live = int(mask.sum())
+        if n_live == 0:
             return [[] for _ in range(len(qvecs))]
-        scores = qvecs @ self.matrix[candidates].T  # [n_queries, n_candidates]
-        k = min(n, len(candidates))
+        scores = qvecs @ self.matrix[: self.n].T  # [n_queries, n_rows]; no copy of the matrix
+        scores[:, ~mask] = -np.inf
+        k = min(n, n_live)
         out = []
         for row in scores:
             top = np.argpartition(-row, k - 1)[:k]
             top = top[np.argsort(-row[top])]
-            out.append([(self.ids[candidates[j]], float(row[j])) for j in top])
+            out.append([(self.ids[j], float(row[j])) for j in top])
         return out
 
     @property
@@ -203,7 +204,7 @@ class EmbeddedBackend:
         return clauses
 
     def _bm25(self, searcher, query: str, n: int, filters: Sequence[SearchFilter]) -> list[Passage]:
-        text = clean_query(query)
+        text = query_terms(query)
         if not text:
             return []
         parsed, _errors = self.index.parse_query_lenient(
