@@ -261,24 +261,28 @@ class EmbeddedBackend:
     def _exists(self, searcher, doc_id: str) -> bool:
         return searcher.search(tantivy.Query.term_query(self.schema, "document_id", doc_id), 1).count > 0
 
+    def _commit(self, delete_doc_ids: Sequence[str], passages: Sequence[Passage]) -> None:
+        """One atomic tantivy commit: delete the documents' passages, add ``passages``; rolled back on any error."""
+        try:
+            for doc_id in delete_doc_ids:
+                self.writer.delete_documents_by_term("document_id", doc_id)
+            for p in passages:
+                self.writer.add_document(tantivy.Document(
+                    passage_id=p.id, document_id=p.document_id, title=p.title, title_exact=p.title,
+                    text=p.text, source=p.source, chunk=p.chunk,
+                ))
+            self.writer.commit()
+        except BaseException:
+            self.writer.rollback()
+            raise
+        self.index.reload()
+
     def upsert(self, documents: Sequence[Document], passages: Sequence[Passage]) -> UpsertResult:
         vectors = self.encoder.encode([f"{p.title}: {p.text}" for p in passages]) if self.dense else None
         with self.lock:
             searcher = self.index.searcher()
             replaced = sum(self._exists(searcher, d.id) for d in documents)
-            try:
-                for d in documents:
-                    self.writer.delete_documents_by_term("document_id", d.id)
-                for p in passages:
-                    self.writer.add_document(tantivy.Document(
-                        passage_id=p.id, document_id=p.document_id, title=p.title, title_exact=p.title,
-                        text=p.text, source=p.source, chunk=p.chunk,
-                    ))
-                self.writer.commit()
-            except BaseException:
-                self.writer.rollback()
-                raise
-            self.index.reload()
+            self._commit([d.id for d in documents], passages)
             if self.dense is not None:
                 self.dense.replace(passages, vectors)
         return UpsertResult(len(documents), len(passages), replaced)
@@ -289,14 +293,7 @@ class EmbeddedBackend:
             present = [i for i in ids if self._exists(searcher, i)]
             missing = [i for i in ids if i not in set(present)]
             if present:
-                try:
-                    for doc_id in present:
-                        self.writer.delete_documents_by_term("document_id", doc_id)
-                    self.writer.commit()
-                except BaseException:
-                    self.writer.rollback()
-                    raise
-                self.index.reload()
+                self._commit(present, [])
                 if self.dense is not None:
                     self.dense.delete(present)
         return DeleteResult(len(present), missing)
