@@ -58,16 +58,12 @@ def cmd_ingest(args) -> int:
         core.backend.close()
     else:
         from services.retrieval.client import RetrievalClient
+        from services.retrieval.ingest import ingest_through_service
 
         async def run():
-            loop = asyncio.get_running_loop()
             async with RetrievalClient(_retrieval_target(args)) as client:
                 await client.wait_healthy(timeout=args.wait)
-
-                def upsert(batch):
-                    return asyncio.run_coroutine_threadsafe(client.upsert(batch), loop).result()
-
-                return await asyncio.to_thread(ingest, path, upsert, batch_size=args.batch_size, source=args.source)
+                return await ingest_through_service(path, client, batch_size=args.batch_size, source=args.source)
 
         report = asyncio.run(run())
     print(f"ingested {report.documents} documents ({report.passages} passages, {report.replaced} replaced), "

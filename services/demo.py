@@ -16,7 +16,7 @@ from services import stack
 from services.retrieval.client import RetrievalClient
 from services.retrieval.core import Document
 from services.retrieval.demo_corpus import build_wiki_corpus
-from services.retrieval.ingest import ingest
+from services.retrieval.ingest import ingest_through_service
 
 
 def run_demo() -> int:
@@ -30,17 +30,12 @@ def run_demo() -> int:
         console.print(f"{build_wiki_corpus(corpus)} documents -> {corpus}")
 
     async def run() -> None:
-        loop = asyncio.get_running_loop()
         async with RetrievalClient(target) as client:
             stats = await client.stats()
             if stats.documents < 10_000:
                 console.rule("3. ingest it through the retrieval service")
                 t0 = time.monotonic()
-
-                def upsert(batch):
-                    return asyncio.run_coroutine_threadsafe(client.upsert(batch), loop).result()
-
-                report = await asyncio.to_thread(ingest, corpus, upsert, batch_size=256)
+                report = await ingest_through_service(corpus, client)
                 console.print(f"ingested {report.documents} documents / {report.passages} passages "
                               f"in {time.monotonic() - t0:.0f}s")
             stats = await client.stats()

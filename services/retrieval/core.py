@@ -6,6 +6,7 @@ limits) -> a :class:`Backend` (``embedded.py`` tantivy + dense, or ``elastic.py`
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -137,7 +138,7 @@ def apply_edit_boost(passages: Iterable[Passage], boost: float, top_k: int) -> l
     ['b', 'a']
     """
     boosted = [
-        Passage(**{**p.__dict__, "score": p.score * boost}) if p.source == EDIT_SOURCE and boost != 1.0 else p
+        dataclasses.replace(p, score=p.score * boost) if p.source == EDIT_SOURCE and boost != 1.0 else p
         for p in passages
     ]
     boosted.sort(key=lambda p: -p.score)

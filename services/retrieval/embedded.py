@@ -11,6 +11,7 @@ The dense log is replayed at start-up; deleted rows are masked, never rewritten 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -85,7 +86,6 @@ class DenseStore:
             return
         raw = np.fromfile(self.vectors_path, dtype=np.float32) if self.vectors_path.exists() else np.zeros(0)
         stored = raw.reshape(-1, self.dim)
-        adds: list[dict] = []
         with self.rows_path.open() as f:
             for line in f:
                 try:
@@ -95,12 +95,11 @@ class DenseStore:
                 if entry["op"] == "add":
                     if entry["row"] >= len(stored):
                         break
-                    adds.append(entry)
-                    self._add_row(entry, stored[entry["row"]], persist=False)
+                    self._add_row(entry, stored[entry["row"]])
                 else:
-                    self._delete_doc(entry["doc"], persist=False)
+                    self._delete_doc(entry["doc"])
 
-    def _add_row(self, entry: dict, vector: np.ndarray, persist: bool) -> None:
+    def _add_row(self, entry: dict, vector: np.ndarray) -> None:
         self._grow(1)
         row = self.n
         self.matrix[row] = vector
@@ -110,7 +109,7 @@ class DenseStore:
         self.rows_of_doc.setdefault(entry["doc"], []).append(row)
         self.n += 1
 
-    def _delete_doc(self, doc_id: str, persist: bool) -> None:
+    def _delete_doc(self, doc_id: str) -> None:
         for row in self.rows_of_doc.pop(doc_id, []):
             self.live[row] = False
 
@@ -123,11 +122,11 @@ class DenseStore:
             vec_file.flush()
             lines = [json.dumps({"op": "del", "doc": d}) for d in docs]
             for d in docs:
-                self._delete_doc(d, persist=False)
+                self._delete_doc(d)
             for i, p in enumerate(passages):
                 entry = {"op": "add", "row": first_row + i, "id": p.id, "doc": p.document_id, "title": p.title,
                          "source": p.source}
-                self._add_row(entry, vectors[i], persist=False)
+                self._add_row(entry, vectors[i])
                 lines.append(json.dumps(entry))
             log_file.write("\n".join(lines) + "\n")
             log_file.flush()
@@ -135,7 +134,7 @@ class DenseStore:
     def delete(self, doc_ids: Sequence[str]) -> None:
         with self.rows_path.open("a") as log_file:
             for d in doc_ids:
-                self._delete_doc(d, persist=False)
+                self._delete_doc(d)
                 log_file.write(json.dumps({"op": "del", "doc": d}) + "\n")
 
     def search(self, qvecs: np.ndarray, n: int, filters: Sequence[SearchFilter]) -> list[list[tuple[str, float]]]:
@@ -253,7 +252,7 @@ class EmbeddedBackend:
                 ranked = reciprocal_rank_fusion([[p.id for p in bm25], [pid for pid, _ in dense_hits[qi]
                                                                         if pid in fetched]], k=self.settings.rrf_k)
                 backend = "hybrid"
-            passages = [Passage(**{**fetched[pid].__dict__, "score": s, "backend": backend}) for pid, s in ranked]
+            passages = [dataclasses.replace(fetched[pid], score=s, backend=backend) for pid, s in ranked]
             out.append(apply_edit_boost(passages, edit_boost, top_k))
         return out
 

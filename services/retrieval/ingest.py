@@ -7,6 +7,7 @@ the same ids replaces documents instead of duplicating them.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -115,3 +116,14 @@ def ingest(path: Path, upsert: Callable[[list[Document]], UpsertResult], *, batc
                 bar.set_postfix(docs=report.documents, passages=report.passages)
         flush()
     return report
+
+
+async def ingest_through_service(path: Path, client, *, batch_size: int = 256, source: str = "",
+                                 progress: bool = True) -> IngestReport:
+    """:func:`ingest` into a running retrieval service: file reading in a thread, Upsert RPCs on this loop."""
+    loop = asyncio.get_running_loop()
+
+    def upsert(batch: list[Document]) -> UpsertResult:
+        return asyncio.run_coroutine_threadsafe(client.upsert(batch), loop).result()
+
+    return await asyncio.to_thread(ingest, path, upsert, batch_size=batch_size, source=source, progress=progress)
