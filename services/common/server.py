@@ -36,7 +36,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common import metrics
-from services.common.errors import InvalidArgument, KnowserveError
+from services.common.errors import InvalidArgument, KnowserveError, Unauthenticated
 from services.common.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -115,83 +115,82 @@ class _Interceptor(grpc.aio.ServerInterceptor):
             )
         return handler  # client-streaming methods: none in knowserve's protos
 
-    async def _fail(self, context, exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    @staticmethod
+    def _admit(request, authorized: bool) -> None:
+        """Checks every call passes before its handler runs (raised as domain errors, mapped like any other)."""
+        if not authorized:
+            raise Unauthenticated("missing or wrong bearer token (send metadata 'authorization: Bearer <token>')")
+        _check_parsed(request)
+
+    @staticmethod
+    def _status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
         """The status code and client-facing message for ``exc``; unknown errors are logged with their trace."""
         if isinstance(exc, KnowserveError):
-            code, message = exc.code, str(exc)
-            log.info("rpc failed", extra={"code": code.name, "detail": message})
-        elif isinstance(exc, TimeoutError):
-            code, message = grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the work finished"
-        else:
-            code, message = grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
-            log.error("unhandled error in rpc", exc_info=exc)
-        return code, message
+            log.info("rpc failed", extra={"code": exc.code.name, "detail": str(exc)})
+            return exc.code, str(exc)
+        if isinstance(exc, TimeoutError):
+            return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the work finished"
+        log.error("unhandled error in rpc", exc_info=exc)
+        return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
+
+    async def _abort(self, context: grpc.aio.ServicerContext, exc: Exception, record: "_CallRecord") -> None:
+        """End the call for ``exc`` with its mapped status (an abort already under way passes through)."""
+        if isinstance(exc, grpc.aio.AbortError):
+            if record.code == grpc.StatusCode.OK:
+                record.code = context.code() or grpc.StatusCode.UNKNOWN
+            raise exc
+        record.code, message = self._status_for(exc)
+        await context.abort(record.code, message)
 
     def _wrap_unary(self, behavior, method: str, authorized: bool):
         async def wrapped(request, context: grpc.aio.ServicerContext):
-            start = time.perf_counter()
-            code = grpc.StatusCode.OK
-            metrics.RPC_IN_FLIGHT.labels(self.service).inc()
+            record = _CallRecord(self.service, method)
             try:
-                if not authorized:
-                    code = grpc.StatusCode.UNAUTHENTICATED
-                    await context.abort(code, "missing or wrong bearer token (metadata 'authorization: Bearer <token>')")
+                self._admit(request, authorized)
                 remaining = context.time_remaining()
-                timeout = self.default_deadline if remaining is None else remaining
-                try:
-                    _check_parsed(request)
-                    async with asyncio.timeout(timeout):
-                        return await behavior(request, context)
-                except grpc.aio.AbortError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - this is the one place errors are mapped
-                    code, message = await self._fail(context, exc)
-                    await context.abort(code, message)
-            except grpc.aio.AbortError:
-                if code == grpc.StatusCode.OK:
-                    code = context.code() or grpc.StatusCode.UNKNOWN
-                raise
+                async with asyncio.timeout(self.default_deadline if remaining is None else remaining):
+                    return await behavior(request, context)
+            except Exception as exc:  # noqa: BLE001 - this is the one place errors are mapped
+                await self._abort(context, exc, record)
             except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
+                record.code = grpc.StatusCode.CANCELLED
                 raise
             finally:
-                metrics.RPC_IN_FLIGHT.labels(self.service).dec()
-                metrics.RPC_REQUESTS.labels(self.service, method, code.name).inc()
-                metrics.RPC_DURATION.labels(self.service, method).observe(time.perf_counter() - start)
+                record.finish()
 
         return wrapped
 
     def _wrap_stream(self, behavior, method: str, authorized: bool):
         async def wrapped(request, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            start = time.perf_counter()
-            code = grpc.StatusCode.OK
-            metrics.RPC_IN_FLIGHT.labels(self.service).inc()
+            record = _CallRecord(self.service, method)
             try:
-                if not authorized:
-                    code = grpc.StatusCode.UNAUTHENTICATED
-                    await context.abort(code, "missing or wrong bearer token (metadata 'authorization: Bearer <token>')")
-                try:
-                    _check_parsed(request)
-                    async for item in behavior(request, context):
-                        yield item
-                except grpc.aio.AbortError:
-                    raise
-                except Exception as exc:  # noqa: BLE001
-                    code, message = await self._fail(context, exc)
-                    await context.abort(code, message)
-            except grpc.aio.AbortError:
-                if code == grpc.StatusCode.OK:
-                    code = context.code() or grpc.StatusCode.UNKNOWN
-                raise
+                self._admit(request, authorized)
+                async for item in behavior(request, context):
+                    yield item
+            except Exception as exc:  # noqa: BLE001
+                await self._abort(context, exc, record)
             except (asyncio.CancelledError, GeneratorExit):
-                code = grpc.StatusCode.CANCELLED
+                record.code = grpc.StatusCode.CANCELLED
                 raise
             finally:
-                metrics.RPC_IN_FLIGHT.labels(self.service).dec()
-                metrics.RPC_REQUESTS.labels(self.service, method, code.name).inc()
-                metrics.RPC_DURATION.labels(self.service, method).observe(time.perf_counter() - start)
+                record.finish()
 
         return wrapped
+
+
+class _CallRecord:
+    """Metrics of one call: in flight while it runs, then counted by final status code and timed."""
+
+    def __init__(self, service: str, method: str):
+        self.service, self.method = service, method
+        self.code = grpc.StatusCode.OK
+        self.start = time.perf_counter()
+        metrics.RPC_IN_FLIGHT.labels(service).inc()
+
+    def finish(self) -> None:
+        metrics.RPC_IN_FLIGHT.labels(self.service).dec()
+        metrics.RPC_REQUESTS.labels(self.service, self.method, self.code.name).inc()
+        metrics.RPC_DURATION.labels(self.service, self.method).observe(time.perf_counter() - self.start)
 
 
 class GrpcServer:

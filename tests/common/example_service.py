@@ -17,7 +17,9 @@ from pydantic_settings import SettingsConfigDict
 from knowserve.common.v1 import common_pb2
 from knowserve.retrieval.v1 import retrieval_service_pb2 as pb
 from knowserve.retrieval.v1 import retrieval_service_pb2_grpc as pb_grpc
-from services.common.errors import check_range, check_text
+from knowserve.training.v1 import training_service_pb2 as tpb
+from knowserve.training.v1 import training_service_pb2_grpc as tpb_grpc
+from services.common.errors import NotFound, check_range, check_text
 from services.common.server import ServiceApp, ServiceBinding, run_main
 from services.common.settings import ServiceSettings
 
@@ -49,6 +51,20 @@ class ExampleServicer(pb_grpc.RetrievalServiceServicer):
         return out
 
 
+class ExampleStreamer(tpb_grpc.TrainingServiceServicer):
+    """A server-streaming RPC for the runtime's stream path: ``run_id`` "steps:N" streams N steps then ends;
+    "fail-after:N" streams N steps then raises NotFound; anything else is NotFound at once."""
+
+    async def StreamRunProgress(self, request, context):
+        kind, _, n = request.run_id.partition(":")
+        if kind not in ("steps", "fail-after"):
+            raise NotFound(f"run {request.run_id!r} does not exist")
+        for step in range(1, int(n) + 1):
+            yield tpb.StreamRunProgressResponse(run_id=request.run_id, step=step, max_steps=int(n))
+        if kind == "fail-after":
+            raise NotFound(f"run {request.run_id!r} was deleted mid-stream")
+
+
 class ExampleApp(ServiceApp):
     def __init__(self, settings: ExampleSettings):
         self.bindings = [
@@ -56,7 +72,12 @@ class ExampleApp(ServiceApp):
                 pb.DESCRIPTOR.services_by_name["RetrievalService"].full_name,
                 pb_grpc.add_RetrievalServiceServicer_to_server,
                 ExampleServicer(settings),
-            )
+            ),
+            ServiceBinding(
+                tpb.DESCRIPTOR.services_by_name["TrainingService"].full_name,
+                tpb_grpc.add_TrainingServiceServicer_to_server,
+                ExampleStreamer(),
+            ),
         ]
 
 

@@ -61,6 +61,7 @@ async def test_grpcurl_lists_services_and_checks_health():
         )
         names = listed.stdout.split()
         assert SERVICE in names and "grpc.health.v1.Health" in names
+        assert "knowserve.training.v1.TrainingService" in names
         check = await asyncio.to_thread(
             subprocess.run, [grpcurl, "-plaintext", server.address, "grpc.health.v1.Health/Check"],
             capture_output=True, text=True, check=True,
@@ -174,6 +175,39 @@ async def test_tls_refuses_plaintext_and_mtls_needs_client_cert(tls_material):
                                            tls_key_file=t["client_key"]))
         async with mtls:
             assert (await mtls.call("Search", request)).results[0].passages
+    finally:
+        await server.stop(0)
+
+
+async def test_server_streaming_maps_errors_and_counts_calls(tmp_path):
+    from knowserve.training.v1 import training_service_pb2 as tpb
+    from knowserve.training.v1 import training_service_pb2_grpc as tpb_grpc
+
+    token_file = tmp_path / "token"
+    token_file.write_text("tok")
+    server = await start(auth_token_file=token_file)
+    auth = (("authorization", "Bearer tok"),)
+    try:
+        async with grpc.aio.insecure_channel(server.address) as ch:
+            stub = tpb_grpc.TrainingServiceStub(ch)
+            steps = [m.step async for m in stub.StreamRunProgress(tpb.StreamRunProgressRequest(run_id="steps:3"),
+                                                                  metadata=auth)]
+            assert steps == [1, 2, 3]
+            received = []
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for m in stub.StreamRunProgress(tpb.StreamRunProgressRequest(run_id="fail-after:2"),
+                                                      metadata=auth):
+                    received.append(m.step)
+            assert received == [1, 2]
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND and "mid-stream" in err.value.details()
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for _ in stub.StreamRunProgress(tpb.StreamRunProgressRequest(run_id="steps:1")):
+                    pass
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+        text = (await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read())).decode()
+        for code in ("OK", "NOT_FOUND", "UNAUTHENTICATED"):
+            assert f'knowserve_rpc_requests_total{{code="{code}",method="StreamRunProgress",service="example"}}' in text
     finally:
         await server.stop(0)
 
