@@ -66,8 +66,9 @@ class DenseStore:
         self.n = 0
         self.live = np.zeros(0, dtype=bool)  # [capacity]
         self.ids: list[str] = []
-        self.meta: list[tuple[str, str, str]] = []  # (document_id, title, source) per row
-        self.rows_of_doc: dict[str, list[int]] = {}
+        self.rows_of_doc: dict[str, list[int]] = {}  # live rows per document (for replace/delete)
+        # filter field -> value -> rows ever written with it (dead rows are removed by the live mask)
+        self.rows_by: dict[str, dict[str, list[int]]] = {"document_id": {}, "title": {}, "source": {}}
         self._load()
 
     def _grow(self, extra: int) -> None:
@@ -105,8 +106,9 @@ class DenseStore:
         self.matrix[row] = vector
         self.live[row] = True
         self.ids.append(entry["id"])
-        self.meta.append((entry["doc"], entry["title"], entry["source"]))
         self.rows_of_doc.setdefault(entry["doc"], []).append(row)
+        for field, key in (("document_id", "doc"), ("title", "title"), ("source", "source")):
+            self.rows_by[field].setdefault(entry[key], []).append(row)
         self.n += 1
 
     def _delete_doc(self, doc_id: str) -> None:
@@ -142,11 +144,11 @@ class DenseStore:
         if self.n == 0:
             return [[] for _ in range(len(qvecs))]
         mask = self.live[: self.n].copy()  # [n_rows]
-        field_pos = {"document_id": 0, "title": 1, "source": 2}
         for f in filters:
-            pos = field_pos[f.field]
-            allowed = set(f.values)
-            mask &= np.fromiter((m[pos] in allowed for m in self.meta), dtype=bool, count=self.n)
+            allowed = np.zeros(self.n, dtype=bool)  # [n_rows]
+            for value in f.values:
+                allowed[self.rows_by[f.field].get(value, [])] = True
+            mask &= allowed
         n_live = int(mask.sum())
         if n_live == 0:
             return [[] for _ in range(len(qvecs))]

@@ -38,6 +38,10 @@ async def test_empty_result_is_a_normal_answer_and_filters_apply(start_retrieval
     hits = (await r.client.search(["capital"], top_k=5, mode="bm25",
                                   filters=[SearchFilter("title", ("Berlin", "Tokyo"))]))[0]
     assert {p.id for p in hits} == {"berlin", "tokyo"}
+    dense = (await r.client.search(["capital city"], top_k=5, mode="dense",
+                                   filters=[SearchFilter("title", ("Berlin", "Tokyo")),
+                                            SearchFilter("source", ("wiki",))]))[0]
+    assert {p.id for p in dense} == {"berlin", "tokyo"}
     assert (await r.client.search(["capital"], top_k=5, mode="hybrid",
                                   filters=[SearchFilter("source", ("edit",))])) == [[]]
 
