@@ -196,11 +196,10 @@ class _CallRecord:
 class GrpcServer:
     """An asyncio gRPC server with health, reflection, the shared interceptor, metrics and drain."""
 
-    def __init__(self, settings: ServiceSettings, bindings: Sequence[ServiceBinding], *, shutdown_delay: float = 0.0):
+    def __init__(self, settings: ServiceSettings, bindings: Sequence[ServiceBinding]):
         self.settings = settings
         self.service = settings.service_name
         self.bindings = list(bindings)
-        self.shutdown_delay = shutdown_delay
         self.port: int = 0
         self.metrics_port: int | None = None
         self._health = health.aio.HealthServicer()
@@ -280,7 +279,7 @@ class GrpcServer:
             self._stopping = asyncio.get_running_loop().create_task(self.stop())
 
     async def stop(self, grace: float | None = None) -> None:
-        """Drain: health NOT_SERVING, wait ``shutdown_delay`` for load balancers, refuse new calls,
+        """Drain: health NOT_SERVING, wait ``shutdown_delay_seconds`` for load balancers, refuse new calls,
         let in-flight calls finish for up to ``grace`` seconds, then stop."""
         if self._server is None:
             return
@@ -288,8 +287,8 @@ class GrpcServer:
         log.info("draining", extra={"grace_seconds": grace})
         await self._set_health(False)
         await self._health.enter_graceful_shutdown()
-        if self.shutdown_delay:
-            await asyncio.sleep(self.shutdown_delay)
+        if self.settings.shutdown_delay_seconds:
+            await asyncio.sleep(self.settings.shutdown_delay_seconds)
         await self._server.stop(grace)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()

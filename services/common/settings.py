@@ -33,6 +33,9 @@ class ServiceSettings(BaseSettings):
     )
     max_concurrent_rpcs: int = Field(256, ge=1, description="Calls in flight before new ones get RESOURCE_EXHAUSTED.")
     grace_seconds: float = Field(20.0, ge=0, description="On SIGTERM, how long in-flight calls may take to finish.")
+    shutdown_delay_seconds: float = Field(
+        0.0, ge=0, description="On SIGTERM, report NOT_SERVING this long before refusing calls (set ~5 in Kubernetes)."
+    )
     tls_cert_file: Path | None = Field(None, description="Server certificate (PEM); enables TLS.")
     tls_key_file: Path | None = Field(None, description="Server private key (PEM).")
     tls_client_ca_file: Path | None = Field(None, description="CA bundle for client certificates; enables mTLS.")

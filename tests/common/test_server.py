@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from knowserve.retrieval.v1 import retrieval_service_pb2 as pb
 from knowserve.retrieval.v1 import retrieval_service_pb2_grpc as pb_grpc
-from services.common.clients import ClientOptions, ServiceClient
+from services.common.clients import ClientOptions, RemoteError, ServiceClient
 from services.common.errors import Unavailable
 from services.common.server import GrpcServer
 from tests.common.example_service import ExampleApp, ExampleSettings
@@ -204,6 +204,15 @@ async def test_server_streaming_maps_errors_and_counts_calls(tmp_path):
                 async for _ in stub.StreamRunProgress(tpb.StreamRunProgressRequest(run_id="steps:1")):
                     pass
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        client = ServiceClient("example", server.address, tpb_grpc.TrainingServiceStub, ClientOptions(token="tok"))
+        async with client:
+            got = [m.step async for m in client.stream("StreamRunProgress",
+                                                       tpb.StreamRunProgressRequest(run_id="steps:2"))]
+            assert got == [1, 2]
+            with pytest.raises(RemoteError) as remote:
+                async for _ in client.stream("StreamRunProgress", tpb.StreamRunProgressRequest(run_id="nope")):
+                    pass
+            assert remote.value.code == grpc.StatusCode.NOT_FOUND and "'nope' does not exist" in str(remote.value)
         url = f"http://127.0.0.1:{server.metrics_port}/metrics"
         text = (await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read())).decode()
         for code in ("OK", "NOT_FOUND", "UNAUTHENTICATED"):
@@ -272,7 +281,8 @@ async def test_client_retries_unavailable_until_server_appears():
 
 def test_sigterm_drains_in_flight_calls_and_exits_zero(subprocess_env):
     port = free_port()
-    env = dict(subprocess_env, KNOWSERVE_EXAMPLE_PORT=str(port), KNOWSERVE_EXAMPLE_GRACE_SECONDS="10")
+    env = dict(subprocess_env, KNOWSERVE_EXAMPLE_PORT=str(port), KNOWSERVE_EXAMPLE_GRACE_SECONDS="10",
+               KNOWSERVE_EXAMPLE_SHUTDOWN_DELAY_SECONDS="0.5")
     proc = subprocess.Popen([sys.executable, "-m", "tests.common.example_service"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -293,7 +303,7 @@ def test_sigterm_drains_in_flight_calls_and_exits_zero(subprocess_env):
 
         results, seen = asyncio.run(scenario())
         assert all(isinstance(r, pb.SearchResponse) for r in results), results
-        assert "NOT_SERVING" in seen or "UNREACHABLE" in seen
+        assert "NOT_SERVING" in seen, seen  # during the shutdown delay, while the calls still run
         assert proc.wait(timeout=20) == 0
         log = proc.stdout.read().decode()
         assert '"msg": "draining"' in log and '"msg": "stopped"' in log
