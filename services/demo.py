@@ -57,6 +57,6 @@ def run_demo() -> int:
 
     asyncio.run(run())
     console.rule("done")
-    console.print("The stack keeps running: try `knowserve search \"capital of Australia\"`, "
-                  "`knowserve status`, then `knowserve down`.")
+    console.print("The stack keeps running: try `.venv/bin/knowserve search \"capital of Australia\"`, "
+                  "`.venv/bin/knowserve status`, then `.venv/bin/knowserve down` (or `make down`).")
     return 0
