@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-verifier", help="fine-tune the nli judge's cross-encoder (VitaminC + FEVER + edits)")
     p.add_argument("--out", default=".knowserve/models/verifier")
-    p.add_argument("--layers", type=int, default=0, help="keep the first N MiniLM layers (0 = all 6)")
+    p.add_argument("--layers", type=int, default=3, help="keep the first N MiniLM layers (0 = all 6; use 0 on a GPU)")
     p.add_argument("--vitaminc-examples", type=int, default=0, help="0 = all (~54k minus the held-out slice)")
     p.add_argument("--fever-examples", type=int, default=2000)
     p.add_argument("--synthetic-examples", type=int, default=20000)

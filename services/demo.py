@@ -1,7 +1,8 @@
-"""``make demo`` / ``knowserve demo``: start the local stack on the embedded default, ingest the Wikipedia
-demo corpus, then show retrieval and a knowledge edit winning over the stale fact.
+"""``make demo`` / ``knowserve demo``: start the local stack on the embedded default (retrieval, verification,
+reward), ingest the Wikipedia demo corpus, then show retrieval, a knowledge edit winning over the stale fact,
+claim-level verification of a right and a hallucinated answer, and their KnowRL rewards.
 
-The hallucination-metrics / GRPO / hot-swap part of the demo lands with the generation and training services.
+The GRPO / hot-swap part of the demo lands with the generation and training services (issues #6, #7).
 """
 
 from __future__ import annotations
@@ -17,6 +18,19 @@ from services.retrieval.client import RetrievalClient
 from services.retrieval.core import Document
 from services.retrieval.demo_corpus import build_wiki_corpus
 from services.retrieval.ingest import ingest_through_service
+from services.reward.client import RewardClient
+from services.reward.core import ScoreItem
+from services.verification.client import VerificationClient
+from services.verification.core import VerifyItem
+
+QUESTION = "Who directed 2001: A Space Odyssey, and when was it released?"
+ANSWERS = {
+    "grounded": "<think>2001: A Space Odyssey is a 1968 film. It was directed by Stanley Kubrick, who co-wrote the "
+                "screenplay with Arthur C. Clarke.</think><answer>Stanley Kubrick</answer>",
+    "hallucinated": "<think>2001: A Space Odyssey is a 1972 film. It was directed by Steven Spielberg, who co-wrote "
+                    "the screenplay with Arthur C. Clarke.</think><answer>Steven Spielberg</answer>",
+    "refusal": "<think>I am not certain who made this film.</think><answer>I don't know</answer>",
+}
 
 
 def run_demo() -> int:
@@ -56,7 +70,30 @@ def run_demo() -> int:
             console.print(escape(f"  after `knowserve edit rm`: [{top.source}] {top.title}: {top.text[:90]}…"))
 
     asyncio.run(run())
+    asyncio.run(show_verification_and_reward(console, procs["verification"].target, procs["reward"].target))
     console.rule("done")
     console.print("The stack keeps running: try `.venv/bin/knowserve search \"capital of Australia\"`, "
+                  "`.venv/bin/knowserve verify \"Canberra is the capital of Australia.\"`, "
                   "`.venv/bin/knowserve status`, then `.venv/bin/knowserve down` (or `make down`).")
     return 0
+
+
+async def show_verification_and_reward(console: Console, verification: str, reward: str) -> None:
+    from knowserve.verification.v1 import verification_service_pb2 as vpb
+
+    console.rule("6. verification: split each answer's <think> into claims, fetch evidence, judge each claim")
+    async with VerificationClient(verification) as v, RewardClient(reward) as r:
+        reply = await v.verify([VerifyItem(answer=a, section="think") for a in ANSWERS.values()], judge="lexical")
+        for name, res in zip(ANSWERS, reply.results):
+            kind = vpb.AnswerKind.Name(res.kind).removeprefix("ANSWER_KIND_").lower()
+            console.print(f"[bold]{name}[/bold] ({kind}): FActScore {res.factscore:.2f}, "
+                          f"supported {res.supported} / refuted {res.refuted} / unverifiable {res.not_enough_info}")
+            for c in res.claims:
+                label = vpb.Label.Name(c.label).removeprefix("LABEL_")
+                style = {"SUPPORTED": "green", "REFUTED": "red"}.get(label, "yellow")
+                console.print(escape(f"    {c.text}  ") + f"[{style}]{label}[/{style}] {list(c.evidence_ids)}")
+        console.rule("7. reward: the KnowRL recipe (format + correctness with refusal + factuality)")
+        scored = await r.score("knowrl", [ScoreItem(QUESTION, a, ["Stanley Kubrick"]) for a in ANSWERS.values()])
+        for name, s in zip(ANSWERS, scored.scores):
+            parts = ", ".join(f"{c.name} {c.value:+.2f}" if c.applicable else f"{c.name} n/a" for c in s.components)
+            console.print(f"  {name:13s} total {s.total:+.2f}   ({parts})")

