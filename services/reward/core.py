@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import Counter, Histogram
 
-from services.common.errors import InvalidArgument, KnowserveError, Unavailable, check_text
+from services.common.errors import FailedPrecondition, InvalidArgument, KnowserveError, Unavailable, check_text
 from services.reward import components as C
 from services.reward.config import RewardSettings
 from services.reward.recipes import COMPONENTS, Recipe, build_recipe
@@ -106,8 +106,6 @@ class RewardCore:
                                       f"recipe {recipe.name!r}")
         corr = recipe.component("correctness_with_refusal")
         if corr is not None and corr.params["grader"] == "llm":
-            from services.common.errors import FailedPrecondition
-
             raise FailedPrecondition("correctness grader 'llm' needs the generation service, which is not built "
                                      "yet (issue #6); use grader 'match'")
 
@@ -130,13 +128,9 @@ class RewardCore:
     async def score(self, name: str, spec: Mapping | None, items: Sequence[ScoreItem]) -> tuple[Recipe, list[ItemScore]]:
         recipe = self.resolve(name, spec)
         self._validate(recipe, items)
-        facts_task = asyncio.ensure_future(self._facts(recipe, items))
-        try:
-            local = [self._local(recipe, it) for it in items]  # runs while verification works
-            facts = await facts_task
-        except BaseException:
-            facts_task.cancel()
-            raise
+        # the verification call and the local components (in a worker thread) run at the same time
+        facts, local = await asyncio.gather(
+            self._facts(recipe, items), asyncio.to_thread(lambda: [self._local(recipe, it) for it in items]))
         scores = [self._combine(recipe, values, grade, facts[i] if facts else None)
                   for i, (values, grade) in enumerate(local)]
         self._observe(recipe, scores, [g for _, g in local])

@@ -106,7 +106,6 @@ class KnowserveRewards:
             _, scores = await backend.core.score(self.recipe_name, self.recipe_spec, items)
             return scores
         from services.reward.core import ComponentValue
-        from services.reward.server import recipe_spec_from_proto  # noqa: F401 - keeps one conversion path
 
         spec = None
         if self.recipe_spec is not None:

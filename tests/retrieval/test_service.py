@@ -11,7 +11,6 @@ import pytest
 
 from knowserve.common.v1 import common_pb2
 from knowserve.retrieval.v1 import retrieval_service_pb2 as pb
-from knowserve.retrieval.v1 import retrieval_service_pb2_grpc as pb_grpc
 from services.common.clients import RemoteError
 from services.retrieval.core import Document, SearchFilter
 from tests.conftest import tool

@@ -12,16 +12,6 @@ from services.common.clients import RemoteError
 from services.common.errors import Unavailable
 from services.reward.core import ScoreItem
 from tests.conftest import free_port, run_tool, tool
-from tests.verification.conftest import KB
-
-
-@pytest.fixture
-async def reward_stack(start_retrieval, start_verification, start_reward):
-    retrieval = await start_retrieval()
-    await retrieval.client.upsert(KB)
-    verification = await start_verification(retrieval_target=retrieval.server.address)
-    reward = await start_reward(verification_target=verification.server.address)
-    return retrieval, verification, reward
 
 
 def completions_64() -> list[ScoreItem]:

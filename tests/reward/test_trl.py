@@ -10,10 +10,9 @@ import pytest
 
 from services.reward.trl_adapter import KnowserveRewards
 from tests.conftest import ROOT
-from tests.reward.test_service import reward_stack  # noqa: F401 - fixture
 
 
-async def test_grpo_trainer_runs_on_knowserve_rewards(reward_stack, tmp_path):  # noqa: F811
+async def test_grpo_trainer_runs_on_knowserve_rewards(reward_stack, tmp_path):
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
@@ -50,7 +49,7 @@ async def test_grpo_trainer_runs_on_knowserve_rewards(reward_stack, tmp_path):  
         assert h["reward"] == pytest.approx(-2.0)  # only the total counts (weights 1, 0, 0, 0)
 
 
-async def test_in_process_and_service_routes_agree(reward_stack):  # noqa: F811
+async def test_in_process_and_service_routes_agree(reward_stack):
     _, verification, reward = reward_stack
     prompts = [[{"role": "user", "content": "Where was Marie Curie born?"}]] * 3
     completions = [[{"role": "assistant", "content": "<think>Marie Curie was born in Warsaw.</think>"

