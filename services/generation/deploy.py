@@ -1,0 +1,137 @@
+"""Run the generation service on Ray Serve: a local Ray head (or an existing cluster), the Serve application
+deployed declaratively through Serve's REST API (the same path as ``serve deploy`` and KubeRay's RayService),
+and weight swaps as config redeploys that change only ``user_config``.
+
+``python -m services.generation`` starts a local head with explicit ports and CPUs, deploys, waits until the
+application is RUNNING, and on SIGTERM shuts Serve and its own Ray down (never ``ray stop``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from services.common.errors import FailedPrecondition, Unavailable
+from services.generation.config import GenerationSettings
+from services.generation.server import APP_IMPORT_PATH, SERVICER_FUNCTIONS
+
+DEPLOYMENT = "GenerationDeployment"
+
+
+def dashboard_url(s: GenerationSettings) -> str:
+    return f"http://127.0.0.1:{s.dashboard_port}"
+
+
+def settings_args(s: GenerationSettings) -> dict[str, Any]:
+    """The settings a replica needs, as JSON-safe builder args (secrets and transport-only fields left out)."""
+    data = json.loads(s.model_dump_json(exclude={"auth_token", "auth_token_file", "tls_cert_file", "tls_key_file",
+                                                 "tls_client_ca_file"}))
+    return {k: v for k, v in data.items() if v is not None}
+
+
+def serve_config(s: GenerationSettings, user_config: dict | None = None) -> dict[str, Any]:
+    """A Serve deploy config (``serve deploy`` schema) for the generation application."""
+    return {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": s.host, "port": s.http_port},
+        "grpc_options": {"port": s.port, "grpc_servicer_functions": SERVICER_FUNCTIONS},
+        "applications": [{
+            "name": s.app_name,
+            "route_prefix": f"/{s.app_name}",
+            "import_path": APP_IMPORT_PATH,
+            "args": settings_args(s),
+            "deployments": [{"name": DEPLOYMENT, "num_replicas": s.replicas,
+                             "user_config": user_config or {"version": s.initial_version}}],
+        }],
+    }
+
+
+def _client(s: GenerationSettings):
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    return ServeSubmissionClient(dashboard_url(s))
+
+
+def app_status(s: GenerationSettings) -> tuple[str, dict]:
+    """(application status, deployment statuses) from Serve's REST API."""
+    details = _client(s).get_serve_details()
+    app = (details.get("applications") or {}).get(s.app_name)
+    if not app:
+        return "NOT_DEPLOYED", {}
+    return app.get("status", "?"), {n: d.get("status") for n, d in (app.get("deployments") or {}).items()}
+
+
+def wait_running(s: GenerationSettings, timeout: float, since: float | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    status, deployments = "?", {}
+    while time.monotonic() < deadline:
+        status, deployments = app_status(s)
+        if status == "RUNNING" and all(v == "HEALTHY" for v in deployments.values()):
+            return
+        if status in ("DEPLOY_FAILED", "UNHEALTHY"):
+            raise FailedPrecondition(f"Serve application {s.app_name} is {status}: {deployments}")
+        time.sleep(0.05)
+    raise Unavailable(f"Serve application {s.app_name} not RUNNING after {timeout:.0f}s (status {status}, "
+                      f"deployments {deployments})")
+
+
+def deploy(s: GenerationSettings, user_config: dict | None = None, timeout: float = 600.0) -> None:
+    _client(s).deploy_applications(serve_config(s, user_config))
+    time.sleep(0.2)  # let the controller pick up the new config before polling its status
+    wait_running(s, timeout)
+
+
+def current_user_config(s: GenerationSettings) -> dict:
+    details = _client(s).get_serve_details()
+    app = (details.get("applications") or {}).get(s.app_name) or {}
+    deployed = app.get("deployed_app_config") or {}
+    for d in deployed.get("deployments") or []:
+        if d.get("name") == DEPLOYMENT:
+            return dict(d.get("user_config") or {})
+    return {}
+
+
+def redeploy_weights(s: GenerationSettings, checkpoint_uri: str, version: int) -> None:
+    """Redeploy with only ``user_config`` changed: Serve runs ``reconfigure`` on every live replica in place;
+    returns once the application is RUNNING again (every replica swapped)."""
+    deployed = current_user_config(s)
+    if int(deployed.get("version", 0)) >= version:
+        raise FailedPrecondition(f"version {version} is not newer than the deployed version "
+                                 f"{deployed.get('version')}; versions are monotonic")
+    deploy(s, {"checkpoint_uri": checkpoint_uri, "version": version}, timeout=s.swap_timeout_seconds)
+
+
+def start_local_ray(s: GenerationSettings):
+    """A local Ray head with explicit CPUs and dashboard port, and Serve's proxies on the configured ports."""
+    import ray
+    from ray import serve
+    from ray.serve.config import gRPCOptions, HTTPOptions
+
+    ray.init(address=s.ray_address or None, num_cpus=None if s.ray_address else s.ray_num_cpus,
+             include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=s.dashboard_port,
+             configure_logging=False, log_to_driver=False)
+    serve.start(http_options=HTTPOptions(host=s.host, port=s.http_port),
+                grpc_options=gRPCOptions(port=s.port, grpc_servicer_functions=SERVICER_FUNCTIONS))
+
+
+def main() -> int:
+    import signal
+    import threading
+
+    import ray
+    from ray import serve
+
+    from services.common.logs import configure_logging
+
+    s = GenerationSettings()
+    configure_logging("generation", s.log_level, s.log_json)
+    start_local_ray(s)
+    deploy(s)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop.wait()
+    serve.shutdown()
+    ray.shutdown()
+    return 0

@@ -1,0 +1,213 @@
+"""The generation service as a Ray Serve deployment behind Serve's gRPC proxy: protos <-> :mod:`.core`.
+
+Serve routes each gRPC method to the deployment method of the same name (``Generate``, ``GenerateStream``,
+``GetModelInfo``, ``UpdateWeights``, and ``Check`` for ``grpc.health.v1.Health``). Domain errors become status
+codes through ``grpc_context`` (Serve's proxy replaces the shared interceptor here).
+
+**Hot swap.** Weights live in the deployment's ``user_config`` (``{"checkpoint_uri", "version"}``).
+``UpdateWeights`` first loads and smoke-tests the checkpoint on the replica that received it (a bad checkpoint
+is refused with FAILED_PRECONDITION and nothing changes), then redeploys the application config with the new
+``user_config`` through Serve's REST API — an in-place ``reconfigure()`` on every live replica, not a rolling
+restart — and acknowledges once Serve reports the application RUNNING again, i.e. every replica has swapped.
+Each replica loads the new weights beside the old ones and swaps in one assignment; requests already running
+finish on the weights they started with, and every completion carries the version that produced it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import Any
+
+import grpc
+
+from knowserve.generation.v1 import generation_service_pb2 as pb
+from services.common.errors import FailedPrecondition, InvalidArgument, KnowserveError
+
+log = logging.getLogger(__name__)
+
+APP_IMPORT_PATH = "services.generation.server:app_builder"
+SERVICER_FUNCTIONS = [
+    "knowserve.generation.v1.generation_service_pb2_grpc.add_GenerationServiceServicer_to_server",
+    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+]
+_FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "tool_turns": pb.FINISH_REASON_TOOL_TURNS}
+_PROTOCOLS = {pb.TOOL_PROTOCOL_UNSPECIFIED: "", pb.TOOL_PROTOCOL_R1_SEARCHER: "r1_searcher",
+              pb.TOOL_PROTOCOL_SEARCH_R1: "search_r1"}
+
+
+def _fail(grpc_context, exc: Exception, empty):
+    """Set the status of a failed call on Serve's gRPC context; unknown errors are INTERNAL without details."""
+    if isinstance(exc, KnowserveError):
+        code, details = exc.code, str(exc)
+    else:
+        log.exception("unhandled error in generation", exc_info=exc)
+        code, details = grpc.StatusCode.INTERNAL, "internal error; see the generation replica's log"
+    if grpc_context is not None:
+        grpc_context.set_code(code)
+        grpc_context.set_details(details)
+    return empty
+
+
+def prompts_from_proto(request: pb.GenerateRequest):
+    from services.generation.core import Prompt
+
+    out = []
+    for i, p in enumerate(request.prompts):
+        kind = p.WhichOneof("input")
+        if kind == "chat":
+            out.append(Prompt(messages=[{"role": m.role, "content": m.content} for m in p.chat.messages]))
+        elif kind == "text":
+            out.append(Prompt(text=p.text))
+        else:
+            raise InvalidArgument(f"prompts[{i}]", "set text or chat")
+    return out
+
+
+def params_from_proto(request: pb.GenerateRequest):
+    from services.generation.core import GenerateParams
+
+    s = request.sampling
+    if request.tool_protocol not in _PROTOCOLS:
+        raise InvalidArgument("tool_protocol", f"unknown tool protocol enum value {request.tool_protocol}")
+    return GenerateParams(
+        temperature=s.temperature, top_p=s.top_p or 1.0, top_k=s.top_k, max_tokens=s.max_tokens, n=s.n or 1,
+        stop=tuple(s.stop), seed=s.seed if s.HasField("seed") else None, return_logprobs=request.return_logprobs,
+        tool_protocol=_PROTOCOLS[request.tool_protocol], max_tool_turns=request.max_tool_turns,
+        retrieval_top_k=request.retrieval_top_k)
+
+
+def completion_to_proto(c) -> pb.Completion:
+    return pb.Completion(
+        prompt_index=c.prompt_index, sample_index=c.sample_index, text=c.text, token_ids=c.token_ids,
+        logprobs=c.logprobs, env_mask=c.env_mask, finish_reason=_FINISH[c.finish_reason],
+        usage=pb.Usage(prompt_tokens=len(c.prompt_token_ids), completion_tokens=c.completion_tokens,
+                       tool_tokens=c.tool_tokens),
+        weight_version=c.weight_version, tool_turns=c.tool_turns, prompt_token_ids=c.prompt_token_ids)
+
+
+class GenerationDeployment:
+    """One Serve replica: a :class:`GenerationCore` over a transformers engine."""
+
+    def __init__(self, settings: dict[str, Any]):
+        import torch
+
+        from services.common.clients import ClientOptions
+        from services.common.models import smollm2_folder
+        from services.generation.config import GenerationSettings
+        from services.generation.core import GenerationCore, Weights, WeightSlot
+        from services.generation.engine import TransformersEngine
+        from services.retrieval.client import RetrievalClient
+
+        self.settings = s = GenerationSettings(**settings)
+        torch.set_num_threads(s.threads_per_replica)
+        path = str(s.model_path or smollm2_folder())
+
+        def load(p: str) -> TransformersEngine:
+            return TransformersEngine.from_path(p, s.max_model_len, s.device)
+
+        self.slot = WeightSlot(Weights(load(path), s.initial_version, path), load, s.checkpoint_root)
+        self.retrieval = RetrievalClient(s.retrieval_target, ClientOptions(timeout_seconds=60))
+
+        async def search(queries, top_k):
+            return await self.retrieval.search(queries, top_k=top_k)
+
+        self.core = GenerationCore(self.slot, s.limits(), search)
+        self.prepared: dict[int, Any] = {}  # version -> Weights loaded by UpdateWeights on this replica
+        self.last_swap_error = ""
+
+    # -- hot swap: Serve calls this on every live replica when user_config changes
+    async def reconfigure(self, user_config: dict) -> None:
+        version = int(user_config.get("version", 0))
+        uri = str(user_config.get("checkpoint_uri", ""))
+        if not uri or version <= self.slot.current.version:
+            return
+        try:
+            weights = self.prepared.pop(version, None) or await asyncio.to_thread(self.slot.prepare, uri, version)
+            previous = self.slot.commit(weights)
+            log.info("swapped weights %s -> %s (%s)", previous.version, version, uri)
+            self.last_swap_error = ""
+        except KnowserveError as e:  # keep serving the old weights; UpdateWeights already vetted this checkpoint
+            self.last_swap_error = str(e)
+            log.error("weight swap to version %s failed, still serving %s: %s", version, self.slot.current.version, e)
+
+    # -- RPCs
+    async def Generate(self, request: pb.GenerateRequest, grpc_context=None) -> pb.GenerateResponse:
+        try:
+            completions = await self.core.generate(prompts_from_proto(request), params_from_proto(request))
+        except Exception as e:  # noqa: BLE001 - mapped to a status code
+            return _fail(grpc_context, e, pb.GenerateResponse())
+        usage = pb.Usage(prompt_tokens=sum(len(c.prompt_token_ids) for c in completions),
+                         completion_tokens=sum(c.completion_tokens for c in completions),
+                         tool_tokens=sum(c.tool_tokens for c in completions))
+        return pb.GenerateResponse(completions=[completion_to_proto(c) for c in completions], usage=usage,
+                                   weight_version=completions[0].weight_version if completions else 0)
+
+    async def GenerateStream(self, request: pb.GenerateStreamRequest, grpc_context=None):
+        """Token deltas of one sample as they are produced (no tool protocol on the stream)."""
+        from services.generation.core import GenerateParams
+
+        try:
+            prompts = prompts_from_proto(pb.GenerateRequest(prompts=[request.prompt]))
+            s = request.sampling
+            params = GenerateParams(temperature=s.temperature, top_p=s.top_p or 1.0, top_k=s.top_k,
+                                    max_tokens=s.max_tokens, n=1, stop=tuple(s.stop),
+                                    seed=s.seed if s.HasField("seed") else None,
+                                    return_logprobs=request.return_logprobs)
+            async for delta in self.core.stream(prompts[0], params):
+                yield pb.GenerateStreamResponse(
+                    text_delta=delta.text, token_ids=delta.token_ids, logprobs=delta.logprobs,
+                    finish_reason=_FINISH.get(delta.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
+                    weight_version=delta.weight_version,
+                    usage=pb.Usage(prompt_tokens=delta.prompt_tokens, completion_tokens=delta.completion_tokens))
+        except Exception as e:  # noqa: BLE001
+            _fail(grpc_context, e, None)
+
+    async def GetModelInfo(self, request, grpc_context=None) -> pb.GetModelInfoResponse:
+        w = self.slot.current
+        return pb.GetModelInfoResponse(
+            model_name=os.path.basename(str(self.settings.model_path or "SmolLM2-135M-Instruct")),
+            architecture=getattr(w.engine, "architecture", ""), engine=w.engine.name, weight_version=w.version,
+            checkpoint_uri=w.checkpoint_uri, max_model_len=w.engine.max_model_len,
+            max_tokens_limit=self.settings.max_tokens_limit, replicas=self.settings.replicas)
+
+    async def UpdateWeights(self, request: pb.UpdateWeightsRequest, grpc_context=None) -> pb.UpdateWeightsResponse:
+        start = time.perf_counter()
+        try:
+            if request.transport == pb.WEIGHT_TRANSPORT_COLLECTIVE:
+                raise FailedPrecondition("WEIGHT_TRANSPORT_COLLECTIVE pushes tensors to vLLM GPU workers "
+                                         "(collective_rpc); this replica runs the transformers engine: use DISK")
+            previous = self.slot.current.version
+            # vet the checkpoint here first: a bad one never reaches the other replicas
+            weights = await asyncio.to_thread(self.slot.prepare, request.checkpoint_uri, request.version)
+            self.prepared[request.version] = weights
+            from services.generation.deploy import redeploy_weights
+
+            await asyncio.to_thread(redeploy_weights, self.settings, weights.checkpoint_uri, request.version)
+        except Exception as e:  # noqa: BLE001
+            return _fail(grpc_context, e, pb.UpdateWeightsResponse())
+        return pb.UpdateWeightsResponse(version=request.version, previous_version=previous,
+                                        replicas_updated=self.settings.replicas,
+                                        swap_seconds=time.perf_counter() - start)
+
+    async def Check(self, request, grpc_context=None):
+        from grpc_health.v1 import health_pb2
+
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+
+def app_builder(args: dict[str, Any]):
+    """Serve application builder (``import_path: services.generation.server:app_builder``); ``args`` are
+    GenerationSettings fields."""
+    from ray import serve
+
+    from services.generation.config import GenerationSettings
+
+    s = GenerationSettings(**args)
+    deployment = serve.deployment(
+        GenerationDeployment, name="GenerationDeployment", num_replicas=s.replicas,
+        ray_actor_options={"num_cpus": s.replica_num_cpus, "num_gpus": s.replica_num_gpus},
+        max_ongoing_requests=64)
+    return deployment.bind(args)

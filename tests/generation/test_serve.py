@@ -1,0 +1,144 @@
+"""The generation service on real Ray Serve (a local head started for this module with explicit ports and
+CPUs, stopped by PID — never `ray stop`), called through the gRPC stubs and grpcurl via Serve's gRPC proxy."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from knowserve.generation.v1 import generation_service_pb2 as pb
+from knowserve.generation.v1 import generation_service_pb2_grpc as pb_grpc
+from tests.conftest import ROOT, free_port, run_tool, tool
+from tests.generation.conftest import teach
+
+pytestmark = pytest.mark.timeout(900)
+APP = "knowserve-generation-test"
+META = (("application", APP),)
+
+
+@pytest.fixture(scope="module")
+def serve_app(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("checkpoints")
+    shutil.copytree(tiny_model, root / "v1")
+    port, dash = free_port(), free_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), KNOWSERVE_GENERATION_PORT=str(port),
+               KNOWSERVE_GENERATION_HTTP_PORT=str(free_port()), KNOWSERVE_GENERATION_DASHBOARD_PORT=str(dash),
+               KNOWSERVE_GENERATION_MODEL_PATH=str(root / "v1"), KNOWSERVE_GENERATION_CHECKPOINT_ROOT=str(root),
+               KNOWSERVE_GENERATION_APP_NAME=APP, KNOWSERVE_GENERATION_REPLICAS="2",
+               KNOWSERVE_GENERATION_REPLICA_NUM_CPUS="0.5", KNOWSERVE_GENERATION_RAY_NUM_CPUS="2",
+               KNOWSERVE_GENERATION_MAX_TOKENS_LIMIT="64", KNOWSERVE_GENERATION_DEFAULT_MAX_TOKENS="16",
+               KNOWSERVE_GENERATION_RETRIEVAL_TARGET=f"127.0.0.1:{free_port()}", RAY_USAGE_STATS_ENABLED="0")
+    log = open(root / "generation.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "services.generation"], cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    target = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 240
+    ready = False
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with grpc.insecure_channel(target) as ch:
+                health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2, metadata=META)
+                ready = True
+                break
+        except grpc.RpcError:
+            time.sleep(1)
+    if not ready:
+        proc.kill()
+        pytest.fail("generation did not start:\n" + (root / "generation.log").read_text()[-4000:])
+    yield target, root
+    os.killpg(proc.pid, signal.SIGTERM)  # our own process group only
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    log.close()
+
+
+async def test_generate_through_serve_grpc_proxy_and_grpcurl(serve_app):
+    target, _ = serve_app
+    async with grpc.aio.insecure_channel(target) as ch:
+        stub = pb_grpc.GenerationServiceStub(ch)
+        reply = await stub.Generate(pb.GenerateRequest(
+            prompts=[pb.Prompt(text="Paris is"), pb.Prompt(chat=pb.ChatConversation(messages=[
+                pb.ChatMessage(role="user", content="Hi")]))],
+            sampling=pb.SamplingParams(temperature=0.7, max_tokens=5, n=2, seed=3), return_logprobs=True),
+            metadata=META, timeout=120)
+        assert len(reply.completions) == 4 and reply.weight_version == 1
+        for c in reply.completions:
+            assert len(c.token_ids) == len(c.logprobs) == len(c.env_mask) and c.weight_version == 1
+        info = await stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=META, timeout=30)
+        assert (info.engine, info.architecture, info.replicas) == ("transformers", "LlamaForCausalLM", 2)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Generate(pb.GenerateRequest(prompts=[pb.Prompt(text="x")],
+                                                   sampling=pb.SamplingParams(max_tokens=65)), metadata=META)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "sampling.max_tokens" in err.value.details()
+        chunks = [m async for m in stub.GenerateStream(pb.GenerateStreamRequest(
+            prompt=pb.Prompt(text="Paris is"), sampling=pb.SamplingParams(temperature=0, max_tokens=6)),
+            metadata=META, timeout=60)]
+        assert chunks[-1].finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
+        greedy = await stub.Generate(pb.GenerateRequest(prompts=[pb.Prompt(text="Paris is")], sampling=pb.SamplingParams(
+            temperature=0, max_tokens=6)), metadata=META, timeout=60)
+        assert [t for m in chunks for t in m.token_ids] == list(greedy.completions[0].token_ids)
+    out = await run_tool(tool("grpcurl"), "-plaintext", "-import-path", str(ROOT / "protos"), "-proto",
+                         "knowserve/generation/v1/generation_service.proto", "-rpc-header", f"application: {APP}",
+                         "-d", '{"prompts": [{"text": "Hello"}], "sampling": {"max_tokens": 3}}', target,
+                         "knowserve.generation.v1.GenerationService/Generate")
+    assert out.returncode == 0 and '"weightVersion": "1"' in out.stdout, out.stdout + out.stderr
+
+
+async def test_hot_swap_under_load_has_no_failures_and_no_stale_version_after_ack(serve_app):
+    target, root = serve_app
+    await asyncio.to_thread(teach, root / "v1", ["a different model"], root / "v2", 3)
+    failures, versions_after_ack, ack = [], [], {}
+    stop = asyncio.Event()
+
+    async def client(ch):
+        stub = pb_grpc.GenerationServiceStub(ch)
+        while not stop.is_set():
+            sent = time.monotonic()
+            try:
+                r = await stub.Generate(pb.GenerateRequest(prompts=[pb.Prompt(text="Paris is")],
+                                                           sampling=pb.SamplingParams(max_tokens=4)),
+                                        metadata=META, timeout=120)
+            except grpc.aio.AioRpcError as e:
+                failures.append(e.code())
+                continue
+            if "at" in ack and sent > ack["at"]:
+                versions_after_ack.append(r.weight_version)
+
+    async with grpc.aio.insecure_channel(target) as ch:
+        stub = pb_grpc.GenerationServiceStub(ch)
+        load = [asyncio.create_task(client(ch)) for _ in range(4)]
+        await asyncio.sleep(2)
+        t0 = time.monotonic()
+        reply = await stub.UpdateWeights(pb.UpdateWeightsRequest(checkpoint_uri=str(root / "v2"), version=2),
+                                         metadata=META, timeout=300)
+        ack["at"] = time.monotonic()
+        await asyncio.sleep(3)
+        stop.set()
+        await asyncio.gather(*load)
+        assert (reply.version, reply.previous_version) == (2, 1)
+        print(f"swap acknowledged in {ack['at'] - t0:.2f}s; {len(versions_after_ack)} responses after the ack")
+        assert failures == []
+        assert versions_after_ack and set(versions_after_ack) == {2}
+        # a corrupt checkpoint, a stale version and a path outside the root are refused; v2 keeps serving
+        shutil.copytree(root / "v2", root / "corrupt")
+        (root / "corrupt" / "model.safetensors").write_bytes(b"\0" * 32)
+        for uri, version, code in ((root / "corrupt", 3, grpc.StatusCode.FAILED_PRECONDITION),
+                                   (root / "v2", 2, grpc.StatusCode.FAILED_PRECONDITION),
+                                   (ROOT, 3, grpc.StatusCode.INVALID_ARGUMENT)):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.UpdateWeights(pb.UpdateWeightsRequest(checkpoint_uri=str(uri), version=version),
+                                         metadata=META, timeout=120)
+            assert err.value.code() == code, err.value.details()
+        r = await stub.Generate(pb.GenerateRequest(prompts=[pb.Prompt(text="x")]), metadata=META, timeout=60)
+        assert r.weight_version == 2
