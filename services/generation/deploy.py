@@ -9,7 +9,9 @@ application is RUNNING, and on SIGTERM shuts Serve and its own Ray down (never `
 from __future__ import annotations
 
 import json
+import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 from services.common.errors import FailedPrecondition, Unavailable
@@ -41,6 +43,8 @@ def serve_config(s: GenerationSettings, user_config: dict | None = None) -> dict
             "route_prefix": f"/{s.app_name}",
             "import_path": APP_IMPORT_PATH,
             "args": settings_args(s),
+            "runtime_env": {"env_vars": {"PROMETHEUS_MULTIPROC_DIR": str(Path(s.metrics_dir).resolve()),
+                                         "OMP_NUM_THREADS": str(s.threads_per_replica)}},
             "deployments": [{"name": DEPLOYMENT, "num_replicas": s.replicas,
                              "user_config": user_config or {"version": s.initial_version}}],
         }],
@@ -115,6 +119,17 @@ def start_local_ray(s: GenerationSettings):
                 grpc_options=gRPCOptions(port=s.port, grpc_servicer_functions=SERVICER_FUNCTIONS))
 
 
+def serve_merged_metrics(host: str, port: int, metrics_dir: Path):
+    """/metrics merging every replica's multiprocess files (plus this process's build info)."""
+    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(metrics_dir))
+    server, _ = start_http_server(port, addr=host, registry=registry)
+    return server
+
+
 def main() -> int:
     import signal
     import threading
@@ -126,6 +141,11 @@ def main() -> int:
 
     s = GenerationSettings()
     configure_logging("generation", s.log_level, s.log_json)
+    metrics_dir = Path(s.metrics_dir).resolve()
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(parents=True)
+    if s.metrics_port is not None:
+        serve_merged_metrics(s.host, s.metrics_port, metrics_dir)
     start_local_ray(s)
     deploy(s)
     stop = threading.Event()

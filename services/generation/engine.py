@@ -222,3 +222,76 @@ def stream_tokens(engine: TransformersEngine, prompt: Sequence[int], s: Sampling
     if "error" in result:
         raise result["error"]
     yield result["out"]
+
+
+class BatchingEngine:
+    """Dynamic request batching in front of an engine: ``generate`` calls that arrive from concurrent requests
+    within ``wait_seconds`` of each other (up to ``max_batch`` prompts) run as one engine call, which batches
+    prompts with equal sampling parameters. Other attributes pass through to the wrapped engine.
+
+    ``observe(batch_size)`` (optional) is told the size of every engine call (for the batch-size metric).
+    """
+
+    def __init__(self, engine, max_batch: int = 16, wait_seconds: float = 0.005, observe=None):
+        import queue
+
+        self.engine = engine
+        self.max_batch = max_batch
+        self.wait_seconds = wait_seconds
+        self.observe = observe
+        self._q: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._worker: threading.Thread | None = None  # started on demand, exits after idle_seconds
+        self.idle_seconds = 10.0
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: Sequence[Sampling]) -> list[EngineOutput]:
+        from concurrent.futures import Future
+
+        fut: Future = Future()
+        self._q.put((list(prompts), list(sampling), fut))
+        with self._lock:
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._run, name="knowserve-batcher", daemon=True)
+                self._worker.start()
+        return fut.result()
+
+    def _run(self) -> None:
+        import queue
+        import time
+
+        while True:
+            try:
+                first = self._q.get(timeout=self.idle_seconds)
+            except queue.Empty:  # idle: let the thread (and, after a swap, the old weights) go
+                with self._lock:
+                    if self._q.empty():
+                        self._worker = None
+                        return
+                continue
+            jobs = [first]
+            size = len(first[0])
+            deadline = time.monotonic() + self.wait_seconds
+            while size < self.max_batch:
+                try:
+                    job = self._q.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                jobs.append(job)
+                size += len(job[0])
+            prompts = [p for j in jobs for p in j[0]]
+            samplings = [s for j in jobs for s in j[1]]
+            try:
+                if self.observe:
+                    self.observe(len(prompts))
+                outs = self.engine.generate(prompts, samplings)
+            except Exception as e:  # noqa: BLE001 - every waiting request gets the error
+                for j in jobs:
+                    j[2].set_exception(e)
+                continue
+            k = 0
+            for j in jobs:
+                j[2].set_result(outs[k: k + len(j[0])])
+                k += len(j[0])

@@ -51,6 +51,25 @@ def _fail(grpc_context, exc: Exception, empty):
     return empty
 
 
+class _Timed:
+    """Count and time one RPC into the generation metrics (status code from the gRPC context)."""
+
+    def __init__(self, method: str, grpc_context):
+        self.method, self.ctx = method, grpc_context
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        from services.generation import metrics as m
+
+        code = self.ctx.code() if self.ctx is not None and self.ctx.code() is not None else grpc.StatusCode.OK
+        m.REQUESTS.labels(self.method, code.name).inc()
+        m.REQUEST_SECONDS.labels(self.method).observe(time.perf_counter() - self.start)
+        return False
+
+
 def prompts_from_proto(request: pb.GenerateRequest):
     from services.generation.core import Prompt
 
@@ -97,18 +116,21 @@ class GenerationDeployment:
         from services.common.clients import ClientOptions
         from services.common.models import smollm2_folder
         from services.generation.config import GenerationSettings
+        from services.generation import metrics as m
         from services.generation.core import GenerationCore, Weights, WeightSlot
-        from services.generation.engine import TransformersEngine
+        from services.generation.engine import BatchingEngine, TransformersEngine
         from services.retrieval.client import RetrievalClient
 
         self.settings = s = GenerationSettings(**settings)
         torch.set_num_threads(s.threads_per_replica)
         path = str(s.model_path or smollm2_folder())
 
-        def load(p: str) -> TransformersEngine:
-            return TransformersEngine.from_path(p, s.max_model_len, s.device)
+        def load(p: str) -> BatchingEngine:
+            return BatchingEngine(TransformersEngine.from_path(p, s.max_model_len, s.device), s.max_batch,
+                                  s.batch_wait_seconds, observe=m.BATCH.observe)
 
         self.slot = WeightSlot(Weights(load(path), s.initial_version, path), load, s.checkpoint_root)
+        m.WEIGHT_VERSION.set(s.initial_version)
         self.retrieval = RetrievalClient(s.retrieval_target, ClientOptions(timeout_seconds=60))
 
         async def search(queries, top_k):
@@ -120,6 +142,8 @@ class GenerationDeployment:
 
     # -- hot swap: Serve calls this on every live replica when user_config changes
     async def reconfigure(self, user_config: dict) -> None:
+        from services.generation import metrics as m
+
         version = int(user_config.get("version", 0))
         uri = str(user_config.get("checkpoint_uri", ""))
         if not uri or version <= self.slot.current.version:
@@ -129,16 +153,26 @@ class GenerationDeployment:
             previous = self.slot.commit(weights)
             log.info("swapped weights %s -> %s (%s)", previous.version, version, uri)
             self.last_swap_error = ""
+            m.WEIGHT_VERSION.set(version)
+            m.SWAPS.labels("ok").inc()
         except KnowserveError as e:  # keep serving the old weights; UpdateWeights already vetted this checkpoint
             self.last_swap_error = str(e)
+            m.SWAPS.labels("failed").inc()
             log.error("weight swap to version %s failed, still serving %s: %s", version, self.slot.current.version, e)
 
     # -- RPCs
     async def Generate(self, request: pb.GenerateRequest, grpc_context=None) -> pb.GenerateResponse:
-        try:
-            completions = await self.core.generate(prompts_from_proto(request), params_from_proto(request))
-        except Exception as e:  # noqa: BLE001 - mapped to a status code
-            return _fail(grpc_context, e, pb.GenerateResponse())
+        from services.generation import metrics as m
+
+        with _Timed("Generate", grpc_context):
+            try:
+                completions = await self.core.generate(prompts_from_proto(request), params_from_proto(request))
+            except Exception as e:  # noqa: BLE001 - mapped to a status code
+                return _fail(grpc_context, e, pb.GenerateResponse())
+        for c in completions:
+            m.TOKENS.labels("model").inc(c.completion_tokens)
+            m.TOKENS.labels("tool").inc(c.tool_tokens)
+            m.TOOL_TURNS.observe(c.tool_turns)
         usage = pb.Usage(prompt_tokens=sum(len(c.prompt_token_ids) for c in completions),
                          completion_tokens=sum(c.completion_tokens for c in completions),
                          tool_tokens=sum(c.tool_tokens for c in completions))
@@ -156,7 +190,14 @@ class GenerationDeployment:
                                     max_tokens=s.max_tokens, n=1, stop=tuple(s.stop),
                                     seed=s.seed if s.HasField("seed") else None,
                                     return_logprobs=request.return_logprobs)
+            from services.generation import metrics as m
+
+            start, first = time.perf_counter(), True
             async for delta in self.core.stream(prompts[0], params):
+                if first and delta.token_ids:
+                    m.TTFT.observe(time.perf_counter() - start)
+                    first = False
+                m.TOKENS.labels("model").inc(len(delta.token_ids))
                 yield pb.GenerateStreamResponse(
                     text_delta=delta.text, token_ids=delta.token_ids, logprobs=delta.logprobs,
                     finish_reason=_FINISH.get(delta.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
@@ -174,6 +215,8 @@ class GenerationDeployment:
             max_tokens_limit=self.settings.max_tokens_limit, replicas=self.settings.replicas)
 
     async def UpdateWeights(self, request: pb.UpdateWeightsRequest, grpc_context=None) -> pb.UpdateWeightsResponse:
+        from services.generation import metrics as m
+
         start = time.perf_counter()
         try:
             if request.transport == pb.WEIGHT_TRANSPORT_COLLECTIVE:
@@ -187,6 +230,7 @@ class GenerationDeployment:
 
             await asyncio.to_thread(redeploy_weights, self.settings, weights.checkpoint_uri, request.version)
         except Exception as e:  # noqa: BLE001
+            m.SWAPS.labels("failed").inc()
             return _fail(grpc_context, e, pb.UpdateWeightsResponse())
         return pb.UpdateWeightsResponse(version=request.version, previous_version=previous,
                                         replicas_updated=self.settings.replicas,

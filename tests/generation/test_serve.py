@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 import grpc
 import pytest
@@ -29,11 +30,12 @@ META = (("application", APP),)
 def serve_app(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("checkpoints")
     shutil.copytree(tiny_model, root / "v1")
-    port, dash = free_port(), free_port()
+    port, dash, metrics = free_port(), free_port(), free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT), KNOWSERVE_GENERATION_PORT=str(port),
                KNOWSERVE_GENERATION_HTTP_PORT=str(free_port()), KNOWSERVE_GENERATION_DASHBOARD_PORT=str(dash),
                KNOWSERVE_GENERATION_MODEL_PATH=str(root / "v1"), KNOWSERVE_GENERATION_CHECKPOINT_ROOT=str(root),
-               KNOWSERVE_GENERATION_APP_NAME=APP, KNOWSERVE_GENERATION_REPLICAS="2",
+               KNOWSERVE_GENERATION_APP_NAME=APP, KNOWSERVE_GENERATION_METRICS_PORT=str(metrics),
+               KNOWSERVE_GENERATION_METRICS_DIR=str(root / "metrics"), KNOWSERVE_GENERATION_REPLICAS="2",
                KNOWSERVE_GENERATION_REPLICA_NUM_CPUS="0.5", KNOWSERVE_GENERATION_RAY_NUM_CPUS="2",
                KNOWSERVE_GENERATION_MAX_TOKENS_LIMIT="64", KNOWSERVE_GENERATION_DEFAULT_MAX_TOKENS="16",
                KNOWSERVE_GENERATION_RETRIEVAL_TARGET=f"127.0.0.1:{free_port()}", RAY_USAGE_STATS_ENABLED="0")
@@ -54,7 +56,7 @@ def serve_app(tiny_model, tmp_path_factory):
     if not ready:
         proc.kill()
         pytest.fail("generation did not start:\n" + (root / "generation.log").read_text()[-4000:])
-    yield target, root
+    yield target, root, metrics
     os.killpg(proc.pid, signal.SIGTERM)  # our own process group only
     try:
         proc.wait(60)
@@ -64,7 +66,7 @@ def serve_app(tiny_model, tmp_path_factory):
 
 
 async def test_generate_through_serve_grpc_proxy_and_grpcurl(serve_app):
-    target, _ = serve_app
+    target, _, _ = serve_app
     async with grpc.aio.insecure_channel(target) as ch:
         stub = pb_grpc.GenerationServiceStub(ch)
         reply = await stub.Generate(pb.GenerateRequest(
@@ -96,7 +98,7 @@ async def test_generate_through_serve_grpc_proxy_and_grpcurl(serve_app):
 
 
 async def test_hot_swap_under_load_has_no_failures_and_no_stale_version_after_ack(serve_app):
-    target, root = serve_app
+    target, root, metrics_port = serve_app
     await asyncio.to_thread(teach, root / "v1", ["a different model"], root / "v2", 3)
     failures, versions_after_ack, ack = [], [], {}
     stop = asyncio.Event()
@@ -142,3 +144,11 @@ async def test_hot_swap_under_load_has_no_failures_and_no_stale_version_after_ac
             assert err.value.code() == code, err.value.details()
         r = await stub.Generate(pb.GenerateRequest(prompts=[pb.Prompt(text="x")]), metadata=META, timeout=60)
         assert r.weight_version == 2
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode()
+    versions = [float(line.split()[-1]) for line in text.splitlines()
+                if line.startswith("knowserve_generation_weight_version{")]
+    assert versions and set(versions) == {2.0}  # every live replica reports version 2
+    assert 'knowserve_generation_swaps_total{result="ok"}' in text and "knowserve_generation_batch_size_bucket" in text
+    assert 'knowserve_generation_requests_total{code="OK",method="Generate"}' in text
+    check = await run_tool(tool("promtool"), "check", "metrics", input=text)
+    assert check.returncode == 0, check.stdout + check.stderr
