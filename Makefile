@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip setuptools wheel
 	$(PIP) torch==2.13.0
-	$(PIP) -e '.[dense,train,test]'
+	$(PIP) -e '.[dense,serve,train,test]'
 	$(PY) -m pip install --disable-pip-version-check -q --no-deps $(NODEPS_PACKAGES)
 	touch $@
 

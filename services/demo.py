@@ -2,7 +2,8 @@
 reward), ingest the Wikipedia demo corpus, then show retrieval, a knowledge edit winning over the stale fact,
 claim-level verification of a right and a hallucinated answer, and their KnowRL rewards.
 
-The GRPO / hot-swap part of the demo lands with the generation and training services (issues #6, #7).
+Then the served model (SmolLM2-135M-Instruct on Ray Serve) answers questions closed-book and the verifier
+measures how much of what it says is supported. The GRPO / hot-swap part lands with the training service (#7).
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ def run_demo() -> int:
 
     asyncio.run(run())
     asyncio.run(show_verification_and_reward(console, procs["verification"].target, procs["reward"].target))
+    if "generation" in procs:
+        asyncio.run(show_model_hallucination(console, procs["generation"].target, procs["verification"].target))
     console.rule("done")
     console.print("The stack keeps running: try `.venv/bin/knowserve search \"capital of Australia\"`, "
                   "`.venv/bin/knowserve verify \"Canberra is the capital of Australia.\"`, "
@@ -97,3 +100,38 @@ async def show_verification_and_reward(console: Console, verification: str, rewa
         for name, s in zip(ANSWERS, scored.scores):
             parts = ", ".join(f"{c.name} {c.value:+.2f}" if c.applicable else f"{c.name} n/a" for c in s.components)
             console.print(f"  {name:13s} total {s.total:+.2f}   ({parts})")
+
+
+MODEL_QUESTIONS = [("Who directed the film 2001: A Space Odyssey?", ["Stanley Kubrick", "Kubrick"]),
+                   ("What is the capital of Australia?", ["Canberra"]),
+                   ("What is the highest mountain on Earth above sea level?", ["Mount Everest", "Everest"]),
+                   ("Which planet is known as the Red Planet?", ["Mars"])]
+
+
+async def show_model_hallucination(console: Console, generation: str, verification: str) -> None:
+    """Closed-book answers of the served model, graded against gold answers and checked claim by claim."""
+    from knowserve.verification.v1 import verification_service_pb2 as vpb
+    from services.common.text import is_refusal
+    from services.generation.client import GenerationClient
+    from services.reward.components import cover_exact_match
+
+    console.rule("8. the served model answers closed-book; the verifier checks every claim")
+    async with GenerationClient(generation) as g, VerificationClient(verification) as v:
+        info = await g.model_info()
+        console.print(f"model: {info.model_name} ({info.architecture}, {info.engine}), weight version "
+                      f"{info.weight_version}, {info.replicas} Serve replica(s)")
+        chats = [[{"role": "user", "content": f"{q} Answer in one short sentence."}] for q, _ in MODEL_QUESTIONS]
+        reply = await g.generate(chats, temperature=0, max_tokens=40, timeout=600)
+        answers = [c.text.replace("<|im_end|>", "").strip() for c in reply.completions]
+        verdicts = await v.verify([VerifyItem(answer=a) for a in answers], judge="lexical")
+        attempted = wrong = 0
+        for (q, gold), a, r in zip(MODEL_QUESTIONS, answers, verdicts.results):
+            refused = is_refusal(a)
+            right = bool(cover_exact_match(a, gold))
+            attempted += not refused
+            wrong += (not refused) and not right
+            labels = ", ".join(vpb.Label.Name(c.label).removeprefix("LABEL_").lower() for c in r.claims)
+            mark = "[green]correct[/green]" if right else "[yellow]refused[/yellow]" if refused else "[red]wrong[/red]"
+            console.print(escape(f"  Q: {q}\n     A: {a}") + f"\n     {mark}; claims: {labels or '-'}")
+        rate = wrong / attempted if attempted else 0.0
+        console.print(f"hallucination rate among attempted answers: {rate:.0%} ({wrong}/{attempted})")

@@ -29,10 +29,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def _registry() -> dict[str, type[ServiceSettings]]:
     """Services the stack can run, in start order (dependencies first)."""
     from services.retrieval.config import RetrievalSettings
+    from services.generation.config import GenerationSettings
     from services.reward.config import RewardSettings
     from services.verification.config import VerificationSettings
 
-    return {"retrieval": RetrievalSettings, "verification": VerificationSettings, "reward": RewardSettings}
+    return {"retrieval": RetrievalSettings, "verification": VerificationSettings, "reward": RewardSettings,
+            "generation": GenerationSettings}
 
 
 @dataclass
@@ -104,7 +106,13 @@ async def _health(procs: dict[str, Proc], started: dict[str, subprocess.Popen] |
         alive = started[p.name].poll() is None if p.name in started else _ours(p)
         if not alive:
             return "EXITED"
-        async with ServiceClient(p.name, p.target, lambda ch: None) as c:
+        options = None
+        if p.name == "generation":  # Serve's proxy routes by application name
+            from services.common.clients import ClientOptions
+            from services.generation.config import GenerationSettings
+
+            options = ClientOptions(extra_metadata=(("application", GenerationSettings().app_name),))
+        async with ServiceClient(p.name, p.target, lambda ch: None, options) as c:
             return await c.check_health(timeout=1.0)
 
     results = await asyncio.gather(*(one(p) for p in procs.values()))

@@ -34,8 +34,8 @@ UNVERIFIABLE_CLAIMS = ["Marie Curie played the violin in an orchestra.", "Mount 
 def verifier_model(tmp_path_factory):
     """A CPU-trained cross-encoder from `train_verifier` (the `knowserve train-verifier` recipe).
 
-    Trained once on VitaminC + FEVER + contrastive edits of the Wikipedia demo corpus with a small budget,
-    cached under .cache/test-verifier/<hash of the recipe and its code>, so a re-run reuses it.
+    950 steps (~5-6 min on 2 cores) on VitaminC + FEVER + contrastive edits of the Wikipedia demo corpus, cached
+    under .cache/test-verifier/<hash of the recipe and its code>, so a re-run reuses it.
     """
     from services.retrieval.demo_corpus import build_wiki_corpus
     from services.verification import nli
@@ -44,10 +44,10 @@ def verifier_model(tmp_path_factory):
     if not corpus.exists():
         build_wiki_corpus(corpus, ROOT / ".cache/packages")
     cfg = nli.TrainVerifierConfig(
-        out_dir=Path("unset"), layers=3, vitaminc_examples=4000, fever_examples=500, synthetic_examples=9000,
-        corpus_jsonl=corpus, heldout_examples=300, time_budget_seconds=float(os.environ.get(
-            "KNOWSERVE_TEST_VERIFIER_SECONDS", "420")), learning_rate=1e-4, max_length=96, threads=2,
-        cache=ROOT / ".cache",
+        out_dir=Path("unset"), layers=3, vitaminc_examples=4000, fever_examples=1000, synthetic_examples=30000,
+        corpus_jsonl=corpus, heldout_examples=500, max_steps=950, time_budget_seconds=float(os.environ.get(
+            "KNOWSERVE_TEST_VERIFIER_SECONDS", "1500")), learning_rate=2e-4, batch_size=16, max_length=56,
+        threads=2, cache=ROOT / ".cache",
     )
     code = (ROOT / "services/verification/nli.py").read_bytes()
     key = hashlib.sha256(repr(sorted((k, str(v)) for k, v in asdict(cfg).items() if k != "out_dir")).encode()

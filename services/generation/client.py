@@ -1,0 +1,49 @@
+"""Typed async client of the generation service (Serve's gRPC proxy; the application is named in metadata)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from knowserve.generation.v1 import generation_service_pb2 as pb
+from knowserve.generation.v1 import generation_service_pb2_grpc as pb_grpc
+from services.common.clients import ClientOptions, ServiceClient
+
+PROTOCOLS = {"": pb.TOOL_PROTOCOL_UNSPECIFIED, "r1_searcher": pb.TOOL_PROTOCOL_R1_SEARCHER,
+             "search_r1": pb.TOOL_PROTOCOL_SEARCH_R1}
+
+
+def prompt_to_proto(prompt: str | Sequence[dict]) -> pb.Prompt:
+    if isinstance(prompt, str):
+        return pb.Prompt(text=prompt)
+    return pb.Prompt(chat=pb.ChatConversation(messages=[pb.ChatMessage(role=m["role"], content=m["content"])
+                                                        for m in prompt]))
+
+
+class GenerationClient(ServiceClient[pb_grpc.GenerationServiceStub]):
+    """``await GenerationClient("127.0.0.1:50054").generate(["What is the capital of France?"], max_tokens=32)``"""
+
+    def __init__(self, target: str, options: ClientOptions | None = None, app_name: str = "knowserve-generation"):
+        options = options or ClientOptions()
+        options.extra_metadata = tuple(options.extra_metadata) + (("application", app_name),)
+        super().__init__("generation", target, pb_grpc.GenerationServiceStub, options)
+
+    async def generate(self, prompts: Sequence[str | Sequence[dict]], *, temperature: float = 0.0,
+                       top_p: float = 1.0, max_tokens: int = 0, n: int = 1, stop: Sequence[str] = (),
+                       seed: int | None = None, return_logprobs: bool = False, tool_protocol: str = "",
+                       max_tool_turns: int = 0, retrieval_top_k: int = 0,
+                       timeout: float | None = None) -> pb.GenerateResponse:
+        sampling = pb.SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, n=n,
+                                     stop=list(stop))
+        if seed is not None:
+            sampling.seed = seed
+        request = pb.GenerateRequest(prompts=[prompt_to_proto(p) for p in prompts], sampling=sampling,
+                                     return_logprobs=return_logprobs, tool_protocol=PROTOCOLS[tool_protocol],
+                                     max_tool_turns=max_tool_turns, retrieval_top_k=retrieval_top_k)
+        return await self.call("Generate", request, timeout=timeout)
+
+    async def model_info(self) -> pb.GetModelInfoResponse:
+        return await self.call("GetModelInfo", pb.GetModelInfoRequest())
+
+    async def update_weights(self, checkpoint_uri: str, version: int, timeout: float = 600.0) -> pb.UpdateWeightsResponse:
+        return await self.call("UpdateWeights", pb.UpdateWeightsRequest(
+            checkpoint_uri=checkpoint_uri, version=version, transport=pb.WEIGHT_TRANSPORT_DISK), timeout=timeout)
