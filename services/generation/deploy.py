@@ -57,39 +57,45 @@ def _client(s: GenerationSettings):
     return ServeSubmissionClient(dashboard_url(s))
 
 
+def _app(s: GenerationSettings) -> dict:
+    return (_client(s).get_serve_details().get("applications") or {}).get(s.app_name) or {}
+
+
 def app_status(s: GenerationSettings) -> tuple[str, dict]:
     """(application status, deployment statuses) from Serve's REST API."""
-    details = _client(s).get_serve_details()
-    app = (details.get("applications") or {}).get(s.app_name)
+    app = _app(s)
     if not app:
         return "NOT_DEPLOYED", {}
     return app.get("status", "?"), {n: d.get("status") for n, d in (app.get("deployments") or {}).items()}
 
 
-def wait_running(s: GenerationSettings, timeout: float, since: float | None = None) -> None:
+def wait_running(s: GenerationSettings, timeout: float, deployed_after: float = 0.0) -> None:
+    """Wait until the application runs a config deployed after ``deployed_after`` (Serve's
+    ``last_deployed_time_s``) with every deployment HEALTHY, i.e. every replica has applied it."""
     deadline = time.monotonic() + timeout
     status, deployments = "?", {}
     while time.monotonic() < deadline:
-        status, deployments = app_status(s)
-        if status == "RUNNING" and all(v == "HEALTHY" for v in deployments.values()):
+        app = _app(s)
+        status = app.get("status", "NOT_DEPLOYED")
+        deployments = {n: d.get("status") for n, d in (app.get("deployments") or {}).items()}
+        fresh = float(app.get("last_deployed_time_s") or 0.0) > deployed_after
+        if fresh and status == "RUNNING" and deployments and all(v == "HEALTHY" for v in deployments.values()):
             return
-        if status in ("DEPLOY_FAILED", "UNHEALTHY"):
+        if fresh and status in ("DEPLOY_FAILED", "UNHEALTHY"):
             raise FailedPrecondition(f"Serve application {s.app_name} is {status}: {deployments}")
-        time.sleep(0.05)
+        time.sleep(0.02)
     raise Unavailable(f"Serve application {s.app_name} not RUNNING after {timeout:.0f}s (status {status}, "
                       f"deployments {deployments})")
 
 
 def deploy(s: GenerationSettings, user_config: dict | None = None, timeout: float = 600.0) -> None:
+    before = float(_app(s).get("last_deployed_time_s") or 0.0)
     _client(s).deploy_applications(serve_config(s, user_config))
-    time.sleep(0.2)  # let the controller pick up the new config before polling its status
-    wait_running(s, timeout)
+    wait_running(s, timeout, deployed_after=before)
 
 
 def current_user_config(s: GenerationSettings) -> dict:
-    details = _client(s).get_serve_details()
-    app = (details.get("applications") or {}).get(s.app_name) or {}
-    deployed = app.get("deployed_app_config") or {}
+    deployed = _app(s).get("deployed_app_config") or {}
     for d in deployed.get("deployments") or []:
         if d.get("name") == DEPLOYMENT:
             return dict(d.get("user_config") or {})
