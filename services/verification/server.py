@@ -8,7 +8,7 @@ import logging
 from knowserve.verification.v1 import verification_service_pb2 as pb
 from knowserve.verification.v1 import verification_service_pb2_grpc as pb_grpc
 from services.common.clients import ClientOptions
-from services.common.errors import FailedPrecondition, InvalidArgument, Unavailable
+from services.common.errors import InvalidArgument, Unavailable
 from services.common.server import ServiceApp, ServiceBinding
 from services.retrieval.client import RetrievalClient, passage_from_proto
 from services.verification.config import VerificationSettings
@@ -22,7 +22,7 @@ _SECTIONS = {pb.SECTION_UNSPECIFIED: "all", pb.SECTION_ALL: "all", pb.SECTION_TH
 _LABELS = {"SUPPORTED": pb.LABEL_SUPPORTED, "REFUTED": pb.LABEL_REFUTED, "NOT_ENOUGH_INFO": pb.LABEL_NOT_ENOUGH_INFO}
 _KINDS = {"claims": pb.ANSWER_KIND_CLAIMS, "empty": pb.ANSWER_KIND_EMPTY, "refusal": pb.ANSWER_KIND_REFUSAL,
           "no_claims": pb.ANSWER_KIND_NO_CLAIMS}
-LLM_UNAVAILABLE = ("needs the generation service, which is not built yet (issue #6); use lexical or nli")
+LLM_UNAVAILABLE = "needs the generation service: set KNOWSERVE_VERIFICATION_GENERATION_TARGET"
 
 
 def item_from_proto(i: int, it: pb.VerifyItem) -> VerifyItem:
@@ -47,11 +47,10 @@ class VerificationServicer(pb_grpc.VerificationServiceServicer):
 
     async def Verify(self, request: pb.VerifyRequest, context) -> pb.VerifyResponse:
         core = self.app.require_core()
-        if request.extractor == pb.CLAIM_EXTRACTOR_LLM:
-            raise FailedPrecondition(f"the llm claim extractor {LLM_UNAVAILABLE}")
+        extractor = "llm" if request.extractor == pb.CLAIM_EXTRACTOR_LLM else "deterministic"
         items = [item_from_proto(i, it) for i, it in enumerate(request.items)]
         judge = request.judge or core.settings.default_judge
-        results = await core.verify(items, judge, request.evidence_top_k, request.gamma)
+        results = await core.verify(items, judge, request.evidence_top_k, request.gamma, extractor)
         return pb.VerifyResponse(judge=judge, results=[result_to_proto(r) for r in results])
 
     async def ListJudges(self, request, context) -> pb.ListJudgesResponse:
@@ -73,6 +72,7 @@ class VerificationApp(ServiceApp):
         self.nli_model = nli_model  # an already-loaded CrossEncoder to share (tests); None loads from the path
         self.core: VerificationCore | None = None
         self.retrieval: RetrievalClient | None = None
+        self.generation = None
         self.bindings = [ServiceBinding(pb.DESCRIPTOR.services_by_name["VerificationService"].full_name,
                                         pb_grpc.add_VerificationServiceServicer_to_server,
                                         VerificationServicer(self))]
@@ -85,7 +85,28 @@ class VerificationApp(ServiceApp):
     async def startup(self) -> None:
         s = self.settings
         judges = {"lexical": LexicalJudge(s.lexical_support_overlap, s.lexical_topic_overlap)}
-        unavailable = {"llm": LLM_UNAVAILABLE}
+        unavailable = {}
+        llm_generate = None
+        if s.generation_target:
+            from services.generation.client import GenerationClient
+            from services.verification.llm import LlmJudge
+
+            self.generation = GenerationClient(s.generation_target, ClientOptions(
+                timeout_seconds=s.generation_timeout_seconds, retries=s.retrieval_retries), s.generation_app_name)
+            gen = self.generation
+
+            async def _generate(prompts, max_tokens):
+                out = []
+                for i in range(0, len(prompts), 64):  # the generation service's default max_prompts
+                    reply = await gen.generate(prompts[i: i + 64], temperature=0, max_tokens=max_tokens,
+                                               return_logprobs=True)
+                    out += [(c.text, list(c.logprobs)) for c in reply.completions]
+                return out
+
+            llm_generate = _generate
+            judges["llm"] = LlmJudge(llm_generate)
+        else:
+            unavailable["llm"] = LLM_UNAVAILABLE
         model = self.nli_model
         if model is None and (s.nli_model_path / "config.json").exists():
             from services.verification.nli import CrossEncoder
@@ -104,8 +125,10 @@ class VerificationApp(ServiceApp):
         async def search(queries, top_k):
             return await self.retrieval.search(queries, top_k=top_k, mode=mode)
 
-        self.core = VerificationCore(s, search, judges, unavailable)
+        self.core = VerificationCore(s, search, judges, unavailable, llm_generate)
 
     async def shutdown(self) -> None:
         if self.retrieval is not None:
             await self.retrieval.close()
+        if self.generation is not None:
+            await self.generation.close()

@@ -41,3 +41,37 @@ def tiny_model() -> Path:
     from services.common.models import tiny_lm_folder
 
     return tiny_lm_folder(ROOT / ".cache/models")
+
+
+def teach_answers(folder: Path, pairs: list[tuple[list[int], list[int]]], out: Path, steps: int = 60,
+                  lr: float = 3e-3) -> Path:
+    """Overfit a tiny causal LM to answer each prompt (token ids) with its completion (token ids); the loss is on
+    the completion tokens only, so a few dozen steps make greedy decoding give exactly those answers."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    model.train()
+    width = max(len(p) + len(c) for p, c in pairs)
+    ids = torch.full((len(pairs), width), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for r, (p, c) in enumerate(pairs):
+        seq = list(p) + list(c)
+        ids[r, : len(seq)] = torch.tensor(seq)
+        mask[r, : len(seq)] = 1
+        labels[r, len(p): len(seq)] = torch.tensor(list(c))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    for _ in range(steps):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    if out.exists():
+        shutil.rmtree(out)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

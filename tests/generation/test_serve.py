@@ -4,69 +4,24 @@ CPUs, stopped by PID — never `ray stop`), called through the gRPC stubs and gr
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
 import urllib.request
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from knowserve.generation.v1 import generation_service_pb2 as pb
 from knowserve.generation.v1 import generation_service_pb2_grpc as pb_grpc
-from tests.conftest import ROOT, free_port, run_tool, tool
+from tests.conftest import ROOT, SERVE_APP, run_tool, tool
 from tests.generation.conftest import teach
 
 pytestmark = pytest.mark.timeout(900)
-APP = "knowserve-generation-test"
-META = (("application", APP),)
+META = (("application", SERVE_APP),)
 
 
-@pytest.fixture(scope="module")
-def serve_app(tiny_model, tmp_path_factory):
-    root = tmp_path_factory.mktemp("checkpoints")
-    shutil.copytree(tiny_model, root / "v1")
-    port, dash, metrics = free_port(), free_port(), free_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT), KNOWSERVE_GENERATION_PORT=str(port),
-               KNOWSERVE_GENERATION_HTTP_PORT=str(free_port()), KNOWSERVE_GENERATION_DASHBOARD_PORT=str(dash),
-               KNOWSERVE_GENERATION_MODEL_PATH=str(root / "v1"), KNOWSERVE_GENERATION_CHECKPOINT_ROOT=str(root),
-               KNOWSERVE_GENERATION_APP_NAME=APP, KNOWSERVE_GENERATION_METRICS_PORT=str(metrics),
-               KNOWSERVE_GENERATION_METRICS_DIR=str(root / "metrics"), KNOWSERVE_GENERATION_REPLICAS="2",
-               KNOWSERVE_GENERATION_REPLICA_NUM_CPUS="0.5", KNOWSERVE_GENERATION_RAY_NUM_CPUS="2",
-               KNOWSERVE_GENERATION_MAX_TOKENS_LIMIT="64", KNOWSERVE_GENERATION_DEFAULT_MAX_TOKENS="16",
-               KNOWSERVE_GENERATION_RETRIEVAL_TARGET=f"127.0.0.1:{free_port()}", RAY_USAGE_STATS_ENABLED="0")
-    log = open(root / "generation.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "services.generation"], cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    target = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    ready = False
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            with grpc.insecure_channel(target) as ch:
-                health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2, metadata=META)
-                ready = True
-                break
-        except grpc.RpcError:
-            time.sleep(1)
-    if not ready:
-        proc.kill()
-        pytest.fail("generation did not start:\n" + (root / "generation.log").read_text()[-4000:])
-    yield target, root, metrics
-    os.killpg(proc.pid, signal.SIGTERM)  # our own process group only
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    log.close()
-
-
-async def test_generate_through_serve_grpc_proxy_and_grpcurl(serve_app):
-    target, _, _ = serve_app
+async def test_generate_through_serve_grpc_proxy_and_grpcurl(serve_generation):
+    target, _, _ = serve_generation
     async with grpc.aio.insecure_channel(target) as ch:
         stub = pb_grpc.GenerationServiceStub(ch)
         reply = await stub.Generate(pb.GenerateRequest(
@@ -91,14 +46,14 @@ async def test_generate_through_serve_grpc_proxy_and_grpcurl(serve_app):
             temperature=0, max_tokens=6)), metadata=META, timeout=60)
         assert [t for m in chunks for t in m.token_ids] == list(greedy.completions[0].token_ids)
     out = await run_tool(tool("grpcurl"), "-plaintext", "-import-path", str(ROOT / "protos"), "-proto",
-                         "knowserve/generation/v1/generation_service.proto", "-rpc-header", f"application: {APP}",
+                         "knowserve/generation/v1/generation_service.proto", "-rpc-header", f"application: {SERVE_APP}",
                          "-d", '{"prompts": [{"text": "Hello"}], "sampling": {"max_tokens": 3}}', target,
                          "knowserve.generation.v1.GenerationService/Generate")
     assert out.returncode == 0 and '"weightVersion": "1"' in out.stdout, out.stdout + out.stderr
 
 
-async def test_hot_swap_under_load_has_no_failures_and_no_stale_version_after_ack(serve_app):
-    target, root, metrics_port = serve_app
+async def test_hot_swap_under_load_has_no_failures_and_no_stale_version_after_ack(serve_generation):
+    target, root, metrics_port = serve_generation
     await asyncio.to_thread(teach, root / "v1", ["a different model"], root / "v2", 3)
     failures, versions_after_ack, ack = [], [], {}
     stop = asyncio.Event()
