@@ -185,7 +185,8 @@ def start_reward(starter):
     from services.reward.server import RewardApp
 
     async def start(**overrides) -> InProcessService:
-        settings = RewardSettings(**{"port": 0, "metrics_port": 0, "verification_retries": 0, **overrides})
+        settings = RewardSettings(**{"port": 0, "metrics_port": 0, "verification_retries": 0,
+                                     "generation_target": "", **overrides})
         return await starter.start(InProcessService(settings, RewardApp(settings), RewardClient))
 
     return start

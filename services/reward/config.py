@@ -30,6 +30,10 @@ class RewardSettings(ServiceSettings):
     on_verification_unavailable: Literal["fail", "not_applicable"] = Field(
         "fail", description="fail: the Score call fails with UNAVAILABLE; not_applicable: factuality is skipped."
     )
+    generation_target: str = Field("127.0.0.1:50054", description="Generation service for grader: llm; empty "
+                                   "disables it.")
+    generation_app_name: str = Field("knowserve-generation")
+    generation_timeout_seconds: float = Field(300.0, gt=0)
     max_items: int = Field(1024, ge=1, description="Items per Score call.")
     max_completion_bytes: int = Field(65_536, ge=64)
     max_prompt_bytes: int = Field(65_536, ge=64)

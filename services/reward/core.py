@@ -69,10 +69,12 @@ FactualityFn = Callable[[list[str], str, str, float, int, list[str]], Awaitable[
 class RewardCore:
     """``await core.score("knowrl", None, [ScoreItem(...)])`` -> (recipe, [ItemScore])"""
 
-    def __init__(self, settings: RewardSettings, recipes: dict[str, Recipe], factuality: FactualityFn | None):
+    def __init__(self, settings: RewardSettings, recipes: dict[str, Recipe], factuality: FactualityFn | None,
+                 llm_generate=None):
         self.settings = settings
         self.recipes = recipes
         self.factuality = factuality  # None: no verification configured (factuality then fails the call)
+        self.llm_generate = llm_generate  # the generation service for grader: llm (None: not configured)
 
     def resolve(self, name: str, spec: Mapping | None) -> Recipe:
         if spec:
@@ -105,9 +107,9 @@ class RewardCore:
                 raise InvalidArgument(f"items[{i}].gold_answers", f"required by component(s) {gold_users} of "
                                       f"recipe {recipe.name!r}")
         corr = recipe.component("correctness_with_refusal")
-        if corr is not None and corr.params["grader"] == "llm":
-            raise FailedPrecondition("correctness grader 'llm' needs the generation service, which is not built "
-                                     "yet (issue #6); use grader 'match'")
+        if corr is not None and corr.params["grader"] == "llm" and self.llm_generate is None:
+            raise FailedPrecondition("correctness grader 'llm' needs the generation service: set "
+                                     "KNOWSERVE_REWARD_GENERATION_TARGET, or use grader 'match'")
 
     async def _facts(self, recipe: Recipe, items: Sequence[ScoreItem]) -> list[FactResult] | None:
         comp = recipe.component("factuality")
@@ -128,13 +130,44 @@ class RewardCore:
     async def score(self, name: str, spec: Mapping | None, items: Sequence[ScoreItem]) -> tuple[Recipe, list[ItemScore]]:
         recipe = self.resolve(name, spec)
         self._validate(recipe, items)
-        # the verification call and the local components (in a worker thread) run at the same time
-        facts, local = await asyncio.gather(
-            self._facts(recipe, items), asyncio.to_thread(lambda: [self._local(recipe, it) for it in items]))
+        # the verification call, the LLM grader and the local components (in a worker thread) run at once
+        facts, llm_grades, local = await asyncio.gather(
+            self._facts(recipe, items), self._llm_grades(recipe, items),
+            asyncio.to_thread(lambda: [self._local(recipe, it) for it in items]))
+        if llm_grades is not None:
+            for (values, _), graded in zip(local, llm_grades):
+                self._apply_llm_grade(values, graded)
         scores = [self._combine(recipe, values, grade, facts[i] if facts else None)
                   for i, (values, grade) in enumerate(local)]
         self._observe(recipe, scores, [g for _, g in local])
         return recipe, scores
+
+    async def _llm_grades(self, recipe: Recipe, items: Sequence[ScoreItem]) -> list | None:
+        """SimpleQA-style grades from the generation service for items with an answer (None: not configured)."""
+        comp = recipe.component("correctness_with_refusal")
+        if comp is None or comp.params["grader"] != "llm":
+            return None
+        from services.reward.grader import grade_with_llm
+
+        answers = [C.last_answer(it.completion) for it in items]
+        asked = [i for i, a in enumerate(answers) if a]
+        graded = await grade_with_llm(self.llm_generate, [items[i].prompt for i in asked],
+                                      [items[i].gold_answers for i in asked], [answers[i] for i in asked])
+        out: list = [None] * len(items)  # None: no answer, the match grade (MISSING) stands
+        for i, g in zip(asked, graded):
+            out[i] = g
+        return out
+
+    @staticmethod
+    def _apply_llm_grade(values: dict[str, ComponentValue], graded) -> None:
+        if graded is None:
+            return
+        grade, raw = graded
+        v = values["correctness_with_refusal"]
+        if grade is None:
+            v.applicable, v.value, v.detail = False, 0.0, f"not applicable: grader answered {raw!r}"
+        else:
+            v.value, v.detail = C.correctness_with_refusal(grade), grade
 
     @staticmethod
     def _local(recipe: Recipe, it: ScoreItem) -> tuple[dict[str, ComponentValue], str | None]:

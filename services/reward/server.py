@@ -61,6 +61,7 @@ class RewardApp(ServiceApp):
         self.settings = settings
         self.core: RewardCore | None = None
         self.verification: VerificationClient | None = None
+        self.generation = None
         self.bindings = [ServiceBinding(pb.DESCRIPTOR.services_by_name["RewardService"].full_name,
                                         pb_grpc.add_RewardServiceServicer_to_server, RewardServicer(self))]
 
@@ -90,8 +91,27 @@ class RewardApp(ServiceApp):
                     out.append(FactResult(None, f"not applicable: {section} section is {kind.replace('_', ' ')}"))
             return out
 
-        self.core = RewardCore(s, recipes, factuality)
+        llm_generate = None
+        if s.generation_target:
+            from services.generation.client import GenerationClient
+
+            self.generation = GenerationClient(s.generation_target, ClientOptions(
+                timeout_seconds=s.generation_timeout_seconds, retries=s.verification_retries), s.generation_app_name)
+            gen = self.generation
+
+            async def _generate(prompts, max_tokens):
+                out = []
+                for i in range(0, len(prompts), 64):  # the generation service's default max_prompts
+                    reply = await gen.generate(prompts[i: i + 64], temperature=0, max_tokens=max_tokens)
+                    out += [c.text for c in reply.completions]
+                return out
+
+            llm_generate = _generate
+
+        self.core = RewardCore(s, recipes, factuality, llm_generate)
 
     async def shutdown(self) -> None:
         if self.verification is not None:
             await self.verification.close()
+        if self.generation is not None:
+            await self.generation.close()
