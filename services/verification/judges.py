@@ -82,9 +82,10 @@ class LexicalJudge:
 
     * SUPPORTED: every name and number of the claim appears in one passage, and at least ``support_overlap`` of
       its content words do.
-    * REFUTED: the passage is about the same thing (at least ``topic_overlap`` of the claim's other content
-      words appear) but where the claim has a name or number the passage has a different one in the same slot
-      (next to the same anchor word), e.g. "born in 1871" against "born ... in 1867".
+    * REFUTED: the passage is about the claim's subject (its title is named in the claim) and about the same
+      thing (at least ``topic_overlap`` of the claim's other content words appear), but where the claim has a
+      name or number the passage has a different one in the same slot (next to the same relation word), e.g.
+      "born in 1871" against "born ... in 1867".
     * otherwise NOT_ENOUGH_INFO.
 
     >>> p = Passage(id="curie#0", document_id="curie", title="Marie Curie", source="wiki", score=1.0,
@@ -104,7 +105,7 @@ class LexicalJudge:
         self.topic_overlap = topic_overlap
         self.window = window
 
-    def _passage_verdict(self, claim: list[_Tok], passage: list[_Tok]) -> Verdict | None:
+    def _passage_verdict(self, claim: list[_Tok], passage: list[_Tok], title: str = "") -> Verdict | None:
         content = _content(claim)
         if not content:
             return None
@@ -119,6 +120,10 @@ class LexicalJudge:
         others = [t for t in content if t not in keys_missing]
         if not others:
             return None
+        if title:  # refute only with a passage about the claim's subject (its title named in the claim)
+            claim_norms = {t.norm for t in claim}
+            if not any(t.norm in claim_norms for t in _content(_tokens(title))):
+                return None
         topic = sum(t.norm in have for t in others) / len(others)
         if topic < self.topic_overlap:
             return None
@@ -133,8 +138,9 @@ class LexicalJudge:
     def _conflicts(self, claim: list[_Tok], key: _Tok, passage: list[_Tok], positions: dict) -> bool:
         """Does the passage put a different name/number of the same kind next to one of the key's anchors?"""
         idx = claim.index(key)
+        # anchors are the claim's relation words next to the key ("born", "capital", "metre"), not other names
         anchors = [t for t in claim[max(0, idx - self.window): idx] + claim[idx + 1: idx + 1 + self.window]
-                   if t.kind != "num" and t.norm not in STOPWORDS and t.norm not in _EXTRA_STOP and t != key]
+                   if t.kind == "word" and t.norm not in STOPWORDS and t.norm not in _EXTRA_STOP]
         for anchor in anchors:
             for pos in positions.get(anchor.norm, []):
                 near = passage[max(0, pos - self.window): pos + self.window + 1]
@@ -151,7 +157,7 @@ class LexicalJudge:
             ctoks = _tokens(claim)
             verdict = None
             for p in passages:
-                v = self._passage_verdict(ctoks, _tokens(f"{p.title}. {p.text}"))
+                v = self._passage_verdict(ctoks, _tokens(f"{p.title}. {p.text}"), p.title)
                 if v is not None:
                     verdict = Verdict(v.label, v.score, (p.id,))
                     break
