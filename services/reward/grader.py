@@ -17,7 +17,8 @@ GRADER_PROMPT = (
     "NOT_ATTEMPTED (it declines to answer or does not give one).\n\n"
     "Question: {question}\nGold target: {gold}\nPredicted answer: {predicted}\n\nGrade:")
 
-GenerateFn = Callable[[list[list[dict]], int], Awaitable[list[str]]]
+# (chat prompts, max_tokens) -> [(text, logprobs)], greedy: GenerationClient.greedy
+GenerateFn = Callable[[list[list[dict]], int], Awaitable[list[tuple[str, list[float]]]]]
 
 
 def parse_grade(text: str) -> str | None:
@@ -40,4 +41,4 @@ async def grade_with_llm(generate: GenerateFn, questions: Sequence[str], golds: 
     prompts = [[{"role": "user", "content": GRADER_PROMPT.format(question=q, gold=" / ".join(g), predicted=a)}]
                for q, g, a in zip(questions, golds, answers)]
     outs = await generate(prompts, 4) if prompts else []
-    return [(parse_grade(o), o.strip()[:40]) for o in outs]
+    return [(parse_grade(text), text.strip()[:40]) for text, _ in outs]

@@ -97,16 +97,7 @@ class RewardApp(ServiceApp):
 
             self.generation = GenerationClient(s.generation_target, ClientOptions(
                 timeout_seconds=s.generation_timeout_seconds, retries=s.verification_retries), s.generation_app_name)
-            gen = self.generation
-
-            async def _generate(prompts, max_tokens):
-                out = []
-                for i in range(0, len(prompts), 64):  # the generation service's default max_prompts
-                    reply = await gen.generate(prompts[i: i + 64], temperature=0, max_tokens=max_tokens)
-                    out += [c.text for c in reply.completions]
-                return out
-
-            llm_generate = _generate
+            llm_generate = self.generation.greedy
 
         self.core = RewardCore(s, recipes, factuality, llm_generate)
 

@@ -153,11 +153,15 @@ class LexicalJudge:
 
     def judge(self, claims: Sequence[str], evidence: Sequence[Sequence[Passage]]) -> list[Verdict]:
         out = []
+        tokenized: dict[tuple[str, str, str], list[_Tok]] = {}  # claims of a batch share passages: tokenize once
         for claim, passages in zip(claims, evidence):
             ctoks = _tokens(claim)
             verdict = None
             for p in passages:
-                v = self._passage_verdict(ctoks, _tokens(f"{p.title}. {p.text}"), p.title)
+                key = (p.id, p.title, p.text)
+                if key not in tokenized:
+                    tokenized[key] = _tokens(f"{p.title}. {p.text}")
+                v = self._passage_verdict(ctoks, tokenized[key], p.title)
                 if v is not None:
                     verdict = Verdict(v.label, v.score, (p.id,))
                     break

@@ -93,17 +93,7 @@ class VerificationApp(ServiceApp):
 
             self.generation = GenerationClient(s.generation_target, ClientOptions(
                 timeout_seconds=s.generation_timeout_seconds, retries=s.retrieval_retries), s.generation_app_name)
-            gen = self.generation
-
-            async def _generate(prompts, max_tokens):
-                out = []
-                for i in range(0, len(prompts), 64):  # the generation service's default max_prompts
-                    reply = await gen.generate(prompts[i: i + 64], temperature=0, max_tokens=max_tokens,
-                                               return_logprobs=True)
-                    out += [(c.text, list(c.logprobs)) for c in reply.completions]
-                return out
-
-            llm_generate = _generate
+            llm_generate = self.generation.greedy
             judges["llm"] = LlmJudge(llm_generate)
         else:
             unavailable["llm"] = LLM_UNAVAILABLE
