@@ -7,6 +7,10 @@
     knowserve verify "Marie Curie was born in Warsaw in 1867." [--judge lexical|nli] [--section think]
     knowserve score --recipe knowrl --completion "<think>…</think><answer>Paris</answer>" --gold Paris
     knowserve train-verifier [--out DIR] [--budget-seconds 900] [--layers 3]
+    knowserve world build [--out .knowserve/world] [--model]      (the demo world and its own small model)
+    knowserve train CONFIG.yaml [--resume] [--via-service]          (GRPO through the services, progress bar)
+    knowserve runs [RUN_ID]                                         (the training service's runs)
+    knowserve eval --dataset demo_world:kb_only:heldout [--mode closed_book|retrieval] [--limit N]
     knowserve demo
 """
 
@@ -169,6 +173,114 @@ def cmd_demo(args) -> int:
     return run_demo()
 
 
+def cmd_world(args) -> int:
+    from training.world import build_world
+
+    out = Path(args.out)
+    world = build_world(entities_per_pool=args.entities, seed=args.seed)
+    world.save(out)
+    print(f"demo world: {len(world.entities)} entities -> {out} (corpus.jsonl, questions_*.jsonl)")
+    if args.model:
+        from training.demo_model import SftConfig, train_demo_model
+
+        stats = train_demo_model(world, Path(args.model_out), SftConfig(steps=args.sft_steps, seed=args.seed))
+        print(f"demo model: {stats['parameters']:,} parameters, {stats['steps']} cold-start steps, "
+              f"loss {stats['final_loss']:.3f}, {stats['seconds']:.0f}s -> {args.model_out}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from rich.console import Console
+
+    from training.config import ConfigError, RunConfig
+
+    console = Console()
+    try:
+        cfg = RunConfig.from_yaml(Path(args.config))
+        if args.run_id:
+            cfg = cfg.model_copy(update={"run_id": args.run_id})
+        if args.via_service:
+            return asyncio.run(_train_via_service(cfg, args, console))
+        from training.grpo import SUCCEEDED, STOPPED, prepare_run, run_training
+
+        run = prepare_run(cfg, resume=args.resume)
+    except (ConfigError, ValueError) as e:
+        console.print(f"[red]cannot start the run:[/red] {e}")
+        return 2
+
+    def show(r: dict) -> None:
+        comps = " ".join(f"{k}={v:+.2f}" for k, v in r["reward_components"].items())
+        console.print(f"step {r['step']}/{r['max_steps']} reward {r['reward_mean']:+.3f} ({comps}) "
+                      f"refusal {r['refusal_rate']:.0%} kl {r['kl']:.4f} v{r['weight_version']} "
+                      f"{r['step_seconds']:.1f}s {r['message']}")
+
+    st = run_training(run.root, resume=args.resume, on_progress=show if args.verbose else None)
+    console.print(f"run {st.run_id}: {st.state} at step {st.step}/{st.max_steps}, generation serves "
+                  f"v{st.weight_version}" + (f" — {st.error}" if st.error else ""))
+    return 0 if st.state in (SUCCEEDED, STOPPED) else 1
+
+
+async def _train_via_service(cfg, args, console) -> int:
+    from services.training.client import TrainingClient
+    from services.training.server import LOSSES_BACK
+
+    from knowserve.training.v1 import training_service_pb2 as pb
+
+    h = cfg.hyperparameters
+    hp = pb.Hyperparameters(**{k: v for k, v in h.model_dump(exclude_none=True).items() if k != "loss_type"})
+    if h.loss_type:
+        hp.loss_type = LOSSES_BACK[h.loss_type]
+    async with TrainingClient(args.target or f"127.0.0.1:{DEFAULT_PORTS['training']}") as client:
+        run = await client.start_run(cfg.recipe, cfg.dataset, model=cfg.model, run_id=cfg.run_id,
+                                     hyperparameters=hp, resume=args.resume)
+        console.print(f"run {run.run_id} started")
+        async for p in client.stream_progress(run.run_id):
+            console.print(f"step {p.step}/{p.max_steps} reward {p.reward_mean:+.3f} refusal {p.refusal_rate:.0%} "
+                          f"v{p.weight_version} {p.message}")
+        run = await client.get_run(run.run_id)
+        console.print(f"run {run.run_id}: {pb.RunState.Name(run.state)} at step {run.step}")
+        return 0 if run.state in (pb.RUN_STATE_SUCCEEDED, pb.RUN_STATE_STOPPED) else 1
+
+
+def cmd_runs(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from knowserve.training.v1 import training_service_pb2 as pb
+    from services.training.client import TrainingClient
+
+    async def run() -> list:
+        async with TrainingClient(args.target or f"127.0.0.1:{DEFAULT_PORTS['training']}") as client:
+            if args.run_id:
+                return [await client.get_run(args.run_id)]
+            return await client.list_runs()
+
+    t = Table(title="training runs")
+    for col in ("run", "state", "recipe", "dataset", "step", "version", "error"):
+        t.add_column(col)
+    for r in asyncio.run(run()):
+        t.add_row(r.run_id, pb.RunState.Name(r.state).removeprefix("RUN_STATE_"), r.recipe, r.dataset,
+                  f"{r.step}/{r.hyperparameters.max_steps}", f"v{r.weight_version}", r.error[:80])
+    Console().print(t)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from rich.console import Console
+
+    from training.eval import EvalConfig, evaluate, summary_table
+
+    cfg = EvalConfig(dataset=args.dataset, limit=args.limit, seed=args.seed, mode=args.mode,
+                     tool_protocol=args.tool_protocol, prompt_format=args.prompt_format, match=args.match,
+                     max_tokens=args.max_tokens, generation_target=args.generation,
+                     verification_target=args.verification, out_dir=args.out, label=args.label)
+    result = asyncio.run(evaluate(cfg))
+    console = Console()
+    console.print(summary_table([result]))
+    console.print(f"results: {result['path']}  chart: {result['chart']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="knowserve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -242,6 +354,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto uses a GPU when there is one")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_train_verifier)
+
+    p = sub.add_parser("world", help="the demo world: a fictional knowledge base and its own small model")
+    w = p.add_subparsers(dest="action", required=True).add_parser("build", help="generate it (and --model)")
+    w.add_argument("--out", default=".knowserve/world")
+    w.add_argument("--entities", type=int, default=40, help="entities per pool (taught, kb_only, copy)")
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--model", action="store_true", help="also build and cold-start the demo model")
+    w.add_argument("--model-out", default=".knowserve/models/demo-world")
+    w.add_argument("--sft-steps", type=int, default=500)
+    p.set_defaults(fn=cmd_world)
+
+    p = sub.add_parser("train", help="run GRPO through the services (config YAML: training.config.RunConfig)")
+    p.add_argument("config")
+    p.add_argument("--run-id", default="")
+    p.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
+    p.add_argument("--via-service", action="store_true", help="start it on the training service and follow it")
+    p.add_argument("--target", help="training service host:port (with --via-service)")
+    p.add_argument("--verbose", action="store_true", help="print one line per step")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("runs", help="list the training service's runs (or show one)")
+    p.add_argument("run_id", nargs="?")
+    p.add_argument("--target")
+    p.set_defaults(fn=cmd_runs)
+
+    p = sub.add_parser("eval", help="hallucination evaluation of the served model (JSON + PNG + Prometheus)")
+    p.add_argument("--dataset", required=True, help="demo_world[:pool:split], halueval_qa, truthfulqa, "
+                   "qa_wikidata, or a .jsonl")
+    p.add_argument("--limit", type=int, default=200, help="seeded sample size (0 = all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mode", choices=["closed_book", "retrieval"], default="closed_book")
+    p.add_argument("--tool-protocol", choices=["r1_searcher", "search_r1"], default="r1_searcher")
+    p.add_argument("--prompt-format", choices=["auto", "chat", "demo"], default="auto")
+    p.add_argument("--match", choices=["contains", "exact"], default="contains")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--generation", default=f"127.0.0.1:{DEFAULT_PORTS['generation']}")
+    p.add_argument("--verification", default=f"127.0.0.1:{DEFAULT_PORTS['verification']}",
+                   help="verification host:port for claim support ('' skips it)")
+    p.add_argument("--out", default=".knowserve/eval")
+    p.add_argument("--label", default="")
+    p.set_defaults(fn=cmd_eval)
 
     sub.add_parser("demo", help="start the stack, ingest the demo corpus, show it working").set_defaults(fn=cmd_demo)
     return parser

@@ -31,10 +31,11 @@ def _registry() -> dict[str, type[ServiceSettings]]:
     from services.retrieval.config import RetrievalSettings
     from services.generation.config import GenerationSettings
     from services.reward.config import RewardSettings
+    from services.training.config import TrainingSettings
     from services.verification.config import VerificationSettings
 
     return {"retrieval": RetrievalSettings, "verification": VerificationSettings, "reward": RewardSettings,
-            "generation": GenerationSettings}
+            "generation": GenerationSettings, "training": TrainingSettings}
 
 
 @dataclass
@@ -94,6 +95,11 @@ def _service_env(name: str) -> dict[str, str]:
     env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
     prefix = f"KNOWSERVE_{name.upper()}_"
     env.setdefault(prefix + "DATA_DIR", str(run_dir() / "data" / name))
+    # generation and training share one checkpoint store (a PVC in Kubernetes)
+    env.setdefault(prefix + "CHECKPOINT_ROOT", str(run_dir() / "checkpoints"))
+    if name == "training":
+        env.setdefault(prefix + "RUNS_DIR", str(run_dir() / "runs"))
+        env.setdefault(prefix + "EVAL_DIR", str(run_dir() / "eval"))
     return env
 
 

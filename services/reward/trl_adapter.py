@@ -50,13 +50,14 @@ class KnowserveRewards:
     """Score batches under one recipe, in-process (``target=None``) or through the reward service."""
 
     def __init__(self, recipe: str | Mapping, *, target: str | None = None, verification_target: str | None = None,
-                 gold_column: str = "gold_answers", settings=None):
+                 gold_column: str = "gold_answers", settings=None, client_options=None):
         self.recipe_name = recipe if isinstance(recipe, str) else str(recipe.get("name", ""))
         self.recipe_spec = None if isinstance(recipe, str) else dict(recipe)
         self.target = target
         self.verification_target = verification_target
         self.gold_column = gold_column
         self._settings = settings
+        self._client_options = client_options  # e.g. long UNAVAILABLE retries, so a restarted service is waited for
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="knowserve-rewards", daemon=True)
         self._thread.start()
@@ -74,7 +75,7 @@ class KnowserveRewards:
             if self.target:
                 from services.reward.client import RewardClient
 
-                self._backend = RewardClient(self.target)
+                self._backend = RewardClient(self.target, self._client_options)
             else:
                 from services.reward.config import RewardSettings
                 from services.reward.server import RewardApp

@@ -1,0 +1,36 @@
+"""Typed async client of the training service."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from knowserve.training.v1 import training_service_pb2 as pb
+from knowserve.training.v1 import training_service_pb2_grpc as pb_grpc
+from services.common.clients import ClientOptions, ServiceClient
+
+
+class TrainingClient(ServiceClient[pb_grpc.TrainingServiceStub]):
+    """``await TrainingClient("127.0.0.1:50055").start_run("knowrl", "demo_world", model=path)``"""
+
+    def __init__(self, target: str, options: ClientOptions | None = None):
+        super().__init__("training", target, pb_grpc.TrainingServiceStub, options)
+
+    async def start_run(self, recipe: str = "", dataset: str = "", *, model: str = "", run_id: str = "",
+                        hyperparameters: pb.Hyperparameters | None = None, resume: bool = False) -> pb.Run:
+        reply = await self.call("StartRun", pb.StartRunRequest(
+            run_id=run_id, recipe=recipe, dataset=dataset, model=model, resume=resume,
+            hyperparameters=hyperparameters or pb.Hyperparameters()))
+        return reply.run
+
+    async def get_run(self, run_id: str) -> pb.Run:
+        return (await self.call("GetRun", pb.GetRunRequest(run_id=run_id))).run
+
+    async def stop_run(self, run_id: str) -> pb.Run:
+        return (await self.call("StopRun", pb.StopRunRequest(run_id=run_id))).run
+
+    async def list_runs(self, page_size: int = 0) -> list[pb.Run]:
+        return list((await self.call("ListRuns", pb.ListRunsRequest(page_size=page_size))).runs)
+
+    async def stream_progress(self, run_id: str) -> AsyncIterator[pb.StreamRunProgressResponse]:
+        async for msg in self.stream("StreamRunProgress", pb.StreamRunProgressRequest(run_id=run_id)):
+            yield msg

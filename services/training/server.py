@@ -1,0 +1,126 @@
+"""gRPC translation for the training service: protos <-> :mod:`services.training.core`."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from knowserve.training.v1 import training_service_pb2 as pb
+from knowserve.training.v1 import training_service_pb2_grpc as pb_grpc
+from services.common.errors import Unavailable
+from services.common.server import ServiceApp, ServiceBinding
+from services.training.config import TrainingSettings
+from services.training.core import StartSpec, TrainingCore
+from training.config import Hyperparameters, RunConfig
+from training.grpo import RunState
+
+STATES = {"PENDING": pb.RUN_STATE_PENDING, "RUNNING": pb.RUN_STATE_RUNNING, "SUCCEEDED": pb.RUN_STATE_SUCCEEDED,
+          "FAILED": pb.RUN_STATE_FAILED, "STOPPED": pb.RUN_STATE_STOPPED}
+LOSSES = {pb.LOSS_TYPE_GRPO: "grpo", pb.LOSS_TYPE_DAPO: "dapo", pb.LOSS_TYPE_DR_GRPO: "dr_grpo"}
+LOSSES_BACK = {v: k for k, v in LOSSES.items()}
+
+
+def _ts(iso: str) -> Timestamp:
+    t = Timestamp()
+    if iso:
+        t.FromDatetime(datetime.fromisoformat(iso))
+    return t
+
+
+def hyper_from_proto(h: pb.Hyperparameters) -> Hyperparameters:
+    """Zero fields mean "the recipe default" (None)."""
+    return Hyperparameters(
+        learning_rate=h.learning_rate or None, max_steps=h.max_steps or None, group_size=h.group_size or None,
+        batch_size=h.batch_size or None, beta=h.beta if h.HasField("beta") else None,
+        loss_type=LOSSES.get(h.loss_type), sync_every=h.sync_every or None,
+        max_completion_tokens=h.max_completion_tokens or None, temperature=h.temperature or None,
+        use_lora=h.use_lora or None, lora_rank=h.lora_rank or None, seed=h.seed or None)
+
+
+def run_to_proto(st: RunState, cfg: RunConfig) -> pb.Run:
+    h = cfg.resolved_hyperparameters()
+    return pb.Run(run_id=st.run_id, state=STATES.get(st.state, pb.RUN_STATE_UNSPECIFIED), recipe=cfg.recipe,
+                  dataset=cfg.dataset, model=cfg.model, step=st.step, weight_version=st.weight_version,
+                  checkpoint_dir=st.checkpoint_dir, error=st.error, create_time=_ts(st.create_time),
+                  update_time=_ts(st.update_time),
+                  hyperparameters=pb.Hyperparameters(
+                      learning_rate=h.learning_rate, max_steps=h.max_steps, group_size=h.group_size,
+                      batch_size=h.batch_size, beta=h.beta, loss_type=LOSSES_BACK[h.loss_type],
+                      sync_every=h.sync_every, max_completion_tokens=h.max_completion_tokens,
+                      temperature=h.temperature, use_lora=h.use_lora, lora_rank=h.lora_rank, seed=h.seed))
+
+
+class TrainingServicer(pb_grpc.TrainingServiceServicer):
+    def __init__(self, app: "TrainingApp"):
+        self.app = app
+
+    async def StartRun(self, request: pb.StartRunRequest, context) -> pb.StartRunResponse:
+        spec = StartSpec(request.run_id, request.recipe, request.dataset, request.model,
+                         hyper_from_proto(request.hyperparameters), request.resume)
+        st, cfg = await asyncio.to_thread(self.app.require_core().start, spec)
+        return pb.StartRunResponse(run=run_to_proto(st, cfg))
+
+    async def GetRun(self, request: pb.GetRunRequest, context) -> pb.GetRunResponse:
+        st, cfg = await asyncio.to_thread(self.app.require_core().state, request.run_id)
+        return pb.GetRunResponse(run=run_to_proto(st, cfg))
+
+    async def StopRun(self, request: pb.StopRunRequest, context) -> pb.StopRunResponse:
+        st, cfg = await asyncio.to_thread(self.app.require_core().stop, request.run_id)
+        return pb.StopRunResponse(run=run_to_proto(st, cfg))
+
+    async def ListRuns(self, request: pb.ListRunsRequest, context) -> pb.ListRunsResponse:
+        runs = await asyncio.to_thread(self.app.require_core().list, request.page_size)
+        return pb.ListRunsResponse(runs=[run_to_proto(st, cfg) for st, cfg in runs])
+
+    async def StreamRunProgress(self, request: pb.StreamRunProgressRequest, context):
+        core = self.app.require_core()
+        async for r, st in core.follow(request.run_id, self.app.settings.max_progress_poll_seconds):
+            yield pb.StreamRunProgressResponse(
+                run_id=request.run_id, step=r["step"], max_steps=r["max_steps"], reward_mean=r["reward_mean"],
+                reward_components=r["reward_components"], kl=r["kl"], refusal_rate=r["refusal_rate"],
+                weight_version=r["weight_version"], state=STATES.get(st.state, pb.RUN_STATE_UNSPECIFIED),
+                step_seconds=r["step_seconds"], message=r.get("message", ""))
+
+
+class TrainingApp(ServiceApp):
+    """The training service: run folder ready and metrics collector registered, then SERVING."""
+
+    def __init__(self, settings: TrainingSettings):
+        self.settings = settings
+        self.core: TrainingCore | None = None
+        self._collector = None
+        self.bindings = [ServiceBinding(pb.DESCRIPTOR.services_by_name["TrainingService"].full_name,
+                                        pb_grpc.add_TrainingServiceServicer_to_server, TrainingServicer(self))]
+
+    def require_core(self) -> TrainingCore:
+        if self.core is None:
+            raise Unavailable("training is starting (health is NOT_SERVING)")
+        return self.core
+
+    def _states(self) -> dict[str, int]:
+        counts = dict.fromkeys(STATES, 0)
+        for st, _ in self.core.list() if self.core else []:
+            counts[st.state] = counts.get(st.state, 0) + 1
+        return counts
+
+    async def startup(self) -> None:
+        from prometheus_client import REGISTRY
+
+        from services.training.metrics import TrainingCollector
+
+        self.core = await asyncio.to_thread(TrainingCore, self.settings)
+        self._collector = TrainingCollector(self.settings.runs_dir, self.settings.eval_dir, self._states)
+        try:
+            REGISTRY.register(self._collector)
+        except ValueError:  # a second app in one process (tests): the first collector already exports these
+            self._collector = None
+
+    async def shutdown(self) -> None:
+        from prometheus_client import REGISTRY
+
+        if self.core is not None:
+            await asyncio.to_thread(self.core.shutdown)
+        if self._collector is not None:
+            REGISTRY.unregister(self._collector)

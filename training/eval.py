@@ -1,0 +1,222 @@
+"""``knowserve eval``: how much a served model hallucinates, per weight version.
+
+A QA set runs through the generation service (closed-book, or with retrieval inside generation), each answer is
+graded against the gold answers (SimpleQA's correct / incorrect = hallucinated / not attempted), its claims are
+checked by the verification service against the knowledge base (claim support rate), and R-Tuning's AP score
+ranks answers by the model's own confidence (the geometric-mean probability of the tokens it wrote).
+
+Each result is written as JSON to ``<out_dir>/<benchmark>__<mode>__v<version>.json`` and a PNG chart of every
+result in ``out_dir`` is redrawn; the training service exports the latest figures to Prometheus as gauges
+labelled by benchmark, mode and weight version (``knowserve_eval_*``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.common.clients import ClientOptions
+from training.data import QaRow, load_dataset
+from training.metrics import average_precision, extract_answer, grade, rates, sequence_confidence
+
+DEFAULT_SYSTEM_PROMPT = ("Answer the question with a short phrase, without explanation. If you do not know the "
+                         "answer, say \"I don't know\".")
+_BLOCKS = re.compile(r"<\|begin_of_documents\|>.*?<\|end_of_documents\|>|<information>.*?</information>|"
+                     r"<\|begin_of_query\|>.*?<\|end_of_query\|>|<search>.*?</search>", re.S)
+_TAGS = re.compile(r"</?(think|answer)>")
+
+
+@dataclass
+class EvalConfig:
+    dataset: str
+    limit: int = 0
+    seed: int = 0
+    mode: str = "closed_book"  # closed_book | retrieval
+    tool_protocol: str = "r1_searcher"  # the protocol of retrieval mode
+    prompt_format: str = "auto"  # auto | chat | demo
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    match: str = "contains"  # contains | exact
+    max_tokens: int = 64
+    max_tool_turns: int = 1
+    retrieval_top_k: int = 1
+    generation_target: str = "127.0.0.1:50054"
+    generation_app_name: str = "knowserve-generation"
+    verification_target: str = "127.0.0.1:50052"  # "" skips claim support
+    judge: str = ""
+    out_dir: str = ".knowserve/eval"
+    batch: int = 32
+    label: str = ""
+
+    def check(self) -> "EvalConfig":
+        if self.mode not in ("closed_book", "retrieval"):
+            raise ValueError(f"mode {self.mode!r}: use closed_book or retrieval")
+        if self.match not in ("contains", "exact"):
+            raise ValueError(f"match {self.match!r}: use contains or exact")
+        if self.prompt_format not in ("auto", "chat", "demo"):
+            raise ValueError(f"prompt_format {self.prompt_format!r}: use auto, chat or demo")
+        if self.max_tokens < 1 or self.batch < 1:
+            raise ValueError("max_tokens and batch must be at least 1")
+        return self
+
+
+def claim_text(completion: str) -> str:
+    """What the model itself asserted: the completion without queries, inserted documents and tags.
+
+    >>> claim_text("<think><|begin_of_query|>q<|end_of_query|><|begin_of_documents|>(1) d<|end_of_documents|>"
+    ...            "X was born in Y.</think><answer>Y</answer>")
+    'X was born in Y. Y'
+    """
+    text = _TAGS.sub(" ", _BLOCKS.sub(" ", completion))
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _render(row: QaRow, fmt: str, system_prompt: str):
+    if fmt == "demo":
+        from training.demo_model import prompt_for
+
+        return prompt_for(row.question)
+    return ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+        {"role": "user", "content": row.question}]
+
+
+async def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
+    """Run the evaluation; returns the result dict (also written as JSON)."""
+    from tqdm import tqdm
+
+    from services.generation.client import GenerationClient
+
+    cfg.check()
+    rows = await asyncio.to_thread(load_dataset, cfg.dataset, None, cfg.limit, cfg.seed)
+    gen = GenerationClient(cfg.generation_target, ClientOptions(timeout_seconds=900, retries=30,
+                                                                backoff_max_seconds=2.0), cfg.generation_app_name)
+    start = time.monotonic()
+    try:
+        info = await gen.model_info()
+        fmt = cfg.prompt_format
+        if fmt == "auto":
+            fmt = "demo" if Path(info.checkpoint_uri, "knowserve_sft.json").exists() else "chat"
+        records = []
+        bar = tqdm(total=len(rows), desc=f"eval {cfg.dataset} ({cfg.mode})", unit="q", disable=not progress)
+        for i in range(0, len(rows), cfg.batch):
+            chunk = rows[i: i + cfg.batch]
+            reply = await gen.generate([_render(r, fmt, cfg.system_prompt) for r in chunk], temperature=0.0,
+                                       max_tokens=cfg.max_tokens, return_logprobs=True,
+                                       tool_protocol=cfg.tool_protocol if cfg.mode == "retrieval" else "",
+                                       max_tool_turns=cfg.max_tool_turns if cfg.mode == "retrieval" else 0,
+                                       retrieval_top_k=cfg.retrieval_top_k if cfg.mode == "retrieval" else 0)
+            for row, c in zip(chunk, sorted(reply.completions, key=lambda c: c.prompt_index)):
+                answer = extract_answer(c.text)
+                own = [lp for lp, m in zip(c.logprobs, c.env_mask) if m]
+                records.append({"id": row.id, "question": row.question, "gold_answers": row.gold_answers,
+                                "completion": c.text, "answer": answer,
+                                "grade": grade(answer, row.gold_answers, row.false_answers, cfg.match),
+                                "confidence": sequence_confidence(own), "searched": c.tool_turns > 0,
+                                "weight_version": int(c.weight_version), "topic": row.topic})
+            bar.update(len(chunk))
+        bar.close()
+        versions = sorted({r["weight_version"] for r in records})
+    finally:
+        await gen.close()
+    support = await _claim_support(cfg, records) if cfg.verification_target else None
+    grades = [r["grade"] for r in records]
+    result = {"benchmark": cfg.dataset, "mode": cfg.mode, "label": cfg.label, "model": info.checkpoint_uri,
+              "weight_version": versions[-1] if versions else int(info.weight_version),
+              "weight_versions_seen": versions, "n": len(records), **rates(grades),
+              "ap": average_precision([r["confidence"] for r in records], [g == "CORRECT" for g in grades]),
+              "search_rate": sum(r["searched"] for r in records) / len(records),
+              "claim_support": support, "seconds": time.monotonic() - start,
+              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "records": records}
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"{_slug(cfg.dataset)}__{cfg.mode}__v{result['weight_version']}"
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(result, indent=1))
+    result["path"] = str(path)
+    result["chart"] = str(plot_results(out))
+    return result
+
+
+async def _claim_support(cfg: EvalConfig, records: list[dict]) -> float | None:
+    """Share of checkable claims in attempted answers that the knowledge base supports (FActScore precision)."""
+    from services.verification.client import VerificationClient
+    from services.verification.core import VerifyItem
+
+    attempted = [r for r in records if r["grade"] != "NOT_ATTEMPTED"]
+    if not attempted:
+        return None
+    supported = total = 0
+    async with VerificationClient(cfg.verification_target, ClientOptions(timeout_seconds=600, retries=30)) as v:
+        for i in range(0, len(attempted), 64):
+            chunk = attempted[i: i + 64]
+            reply = await v.verify([VerifyItem(answer=claim_text(r["completion"]) or r["answer"], topic=r["topic"])
+                                    for r in chunk], judge=cfg.judge)
+            for r, res in zip(chunk, reply.results):
+                r["claims_supported"], r["claims_total"] = res.supported, len(res.claims)
+                supported += res.supported
+                total += len(res.claims)
+    return supported / total if total else None
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")
+
+
+def load_results(out_dir: Path) -> list[dict]:
+    results = []
+    for path in sorted(Path(out_dir).glob("*.json")):
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        d.pop("records", None)
+        results.append(d)
+    return results
+
+
+def plot_results(out_dir: Path) -> Path:
+    """One PNG of every result in ``out_dir``: stacked correct / hallucinated / abstained per benchmark, mode and
+    weight version (the figure a before/after comparison wants)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = sorted(load_results(out_dir), key=lambda r: (r["benchmark"], r["mode"], r["weight_version"]))
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(results) + 2), 4.5))
+    labels = [f"{r['benchmark']}\n{r['mode']}\nv{r['weight_version']}" for r in results]
+    bottom = [0.0] * len(results)
+    for key, colour, name in (("correct", "#2e7d32", "correct"), ("incorrect", "#c62828", "hallucinated"),
+                              ("not_attempted", "#9e9e9e", "abstained")):
+        values = [r[key] for r in results]
+        ax.bar(labels, values, bottom=bottom, color=colour, label=name)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ax.set_ylabel("share of questions")
+    ax.set_ylim(0, 1)
+    ax.set_title("knowserve eval: answers by weight version")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    path = Path(out_dir) / "eval.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def summary_table(results: list[dict]):
+    """A rich table of results (before/after rows)."""
+    from rich.table import Table
+
+    t = Table(title="hallucination by weight version")
+    for col in ("benchmark", "mode", "version", "n", "correct", "hallucinated", "abstained", "halluc./attempted",
+                "correct-or-abstain", "claim support", "AP", "searched"):
+        t.add_column(col, justify="right" if col not in ("benchmark", "mode") else "left")
+    for r in results:
+        cs = r.get("claim_support")
+        t.add_row(r["benchmark"], r["mode"], f"v{r['weight_version']}", str(r["n"]), f"{r['correct']:.1%}",
+                  f"{r['incorrect']:.1%}", f"{r['not_attempted']:.1%}", f"{r['hallucination_rate_attempted']:.1%}",
+                  f"{r['correct_or_abstain']:.1%}", "-" if cs is None else f"{cs:.1%}", f"{r['ap']:.2f}",
+                  f"{r.get('search_rate', 0):.0%}")
+    return t
