@@ -176,7 +176,9 @@ def cmd_demo(args) -> int:
 def cmd_world(args) -> int:
     from training.world import build_world
 
-    out = Path(args.out)
+    from training.data import world_dir_default
+
+    out = Path(args.out) if args.out else world_dir_default()
     world = build_world(entities_per_pool=args.entities, seed=args.seed)
     world.save(out)
     print(f"demo world: {len(world.entities)} entities -> {out} (corpus.jsonl, questions_*.jsonl)")
@@ -214,7 +216,7 @@ def cmd_train(args) -> int:
                       f"refusal {r['refusal_rate']:.0%} kl {r['kl']:.4f} v{r['weight_version']} "
                       f"{r['step_seconds']:.1f}s {r['message']}")
 
-    st = run_training(run.root, resume=args.resume, on_progress=show if args.verbose else None)
+    st = run_training(run.root, resume=args.resume, on_progress=show if args.verbose else None, progress_bar=True)
     console.print(f"run {st.run_id}: {st.state} at step {st.step}/{st.max_steps}, generation serves "
                   f"v{st.weight_version}" + (f" — {st.error}" if st.error else ""))
     return 0 if st.state in (SUCCEEDED, STOPPED) else 1
@@ -231,8 +233,13 @@ async def _train_via_service(cfg, args, console) -> int:
     if h.loss_type:
         hp.loss_type = LOSSES_BACK[h.loss_type]
     async with TrainingClient(args.target or f"127.0.0.1:{DEFAULT_PORTS['training']}") as client:
-        run = await client.start_run(cfg.recipe, cfg.dataset, model=cfg.model, run_id=cfg.run_id,
-                                     hyperparameters=hp, resume=args.resume)
+        options = pb.RunOptions(max_tool_turns=cfg.max_tool_turns, retrieval_top_k=cfg.retrieval_top_k,
+                                dataset_limit=cfg.dataset_limit, checkpoint_every=cfg.checkpoint_every,
+                                prompt_format="" if cfg.prompt_format == "auto" else cfg.prompt_format)
+        if cfg.tool_protocol != "default":
+            options.tool_protocol = cfg.tool_protocol
+        run = await client.start_run(cfg.recipe, cfg.dataset, model=str(Path(cfg.model).resolve()),
+                                     run_id=cfg.run_id, hyperparameters=hp, options=options, resume=args.resume)
         console.print(f"run {run.run_id} started")
         async for p in client.stream_progress(run.run_id):
             console.print(f"step {p.step}/{p.max_steps} reward {p.reward_mean:+.3f} refusal {p.refusal_rate:.0%} "
@@ -357,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("world", help="the demo world: a fictional knowledge base and its own small model")
     w = p.add_subparsers(dest="action", required=True).add_parser("build", help="generate it (and --model)")
-    w.add_argument("--out", default=".knowserve/world")
+    w.add_argument("--out", default="", help="default: $KNOWSERVE_RUN_DIR/world (.knowserve/world)")
     w.add_argument("--entities", type=int, default=40, help="entities per pool (taught, kb_only, copy)")
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--model", action="store_true", help="also build and cold-start the demo model")
@@ -392,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generation", default=f"127.0.0.1:{DEFAULT_PORTS['generation']}")
     p.add_argument("--verification", default=f"127.0.0.1:{DEFAULT_PORTS['verification']}",
                    help="verification host:port for claim support ('' skips it)")
-    p.add_argument("--out", default=".knowserve/eval")
+    p.add_argument("--out", default="", help="default: $KNOWSERVE_RUN_DIR/eval (.knowserve/eval)")
     p.add_argument("--label", default="")
     p.set_defaults(fn=cmd_eval)
 

@@ -2,14 +2,21 @@
 reward), ingest the Wikipedia demo corpus, then show retrieval, a knowledge edit winning over the stale fact,
 claim-level verification of a right and a hallucinated answer, and their KnowRL rewards.
 
-Then the served model (SmolLM2-135M-Instruct on Ray Serve) answers questions closed-book and the verifier
-measures how much of what it says is supported. The GRPO / hot-swap part lands with the training service (#7).
+Then the served model (SmolLM2-135M-Instruct on Ray Serve) answers questions closed-book and with retrieved
+passages, and the verifier checks every claim.
+
+Then the loop that makes knowserve more than its parts, on the **demo world** (a generated fictional knowledge
+base, so a wrong answer is unambiguously a hallucination): a small model the demo builds for itself is
+hot-swapped into generation, evaluated, trained with GRPO through the services (rollouts from generation with
+retrieval inside generation, KnowRL rewards from reward + verification, new weights hot-swapped into generation
+after every step), and evaluated again: a before/after table and a chart.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
@@ -73,7 +80,10 @@ def run_demo() -> int:
     asyncio.run(run())
     asyncio.run(show_verification_and_reward(console, procs["verification"].target, procs["reward"].target))
     if "generation" in procs:
-        asyncio.run(show_model_hallucination(console, procs["generation"].target, procs["verification"].target))
+        asyncio.run(show_model_hallucination(console, procs["generation"].target, procs["verification"].target,
+                                             target))
+    if "generation" in procs and "training" in procs:
+        demo_world_loop(console, procs)
     console.rule("done")
     console.print("The stack keeps running: try `.venv/bin/knowserve search \"capital of Australia\"`, "
                   "`.venv/bin/knowserve verify \"Canberra is the capital of Australia.\"`, "
@@ -108,30 +118,168 @@ MODEL_QUESTIONS = [("Who directed the film 2001: A Space Odyssey?", ["Stanley Ku
                    ("Which planet is known as the Red Planet?", ["Mars"])]
 
 
-async def show_model_hallucination(console: Console, generation: str, verification: str) -> None:
-    """Closed-book answers of the served model, graded against gold answers and checked claim by claim."""
+async def show_model_hallucination(console: Console, generation: str, verification: str, retrieval: str) -> None:
+    """Answers of the served model, closed-book and with retrieved passages, graded against gold answers and
+    checked claim by claim."""
     from knowserve.verification.v1 import verification_service_pb2 as vpb
     from services.common.text import is_refusal
     from services.generation.client import GenerationClient
     from services.reward.components import cover_exact_match
 
-    console.rule("8. the served model answers closed-book; the verifier checks every claim")
-    async with GenerationClient(generation) as g, VerificationClient(verification) as v:
+    console.rule("8. the served model answers closed-book, then with retrieved passages; every claim is checked")
+    async with GenerationClient(generation) as g, VerificationClient(verification) as v, \
+            RetrievalClient(retrieval) as rc:
         info = await g.model_info()
         console.print(f"model: {info.model_name} ({info.architecture}, {info.engine}), weight version "
                       f"{info.weight_version}, {info.replicas} Serve replica(s)")
-        chats = [[{"role": "user", "content": f"{q} Answer in one short sentence."}] for q, _ in MODEL_QUESTIONS]
-        reply = await g.generate(chats, temperature=0, max_tokens=40, timeout=600)
-        answers = [c.text.replace("<|im_end|>", "").strip() for c in reply.completions]
-        verdicts = await v.verify([VerifyItem(answer=a) for a in answers], judge="lexical")
-        attempted = wrong = 0
-        for (q, gold), a, r in zip(MODEL_QUESTIONS, answers, verdicts.results):
-            refused = is_refusal(a)
-            right = bool(cover_exact_match(a, gold))
-            attempted += not refused
-            wrong += (not refused) and not right
-            labels = ", ".join(vpb.Label.Name(c.label).removeprefix("LABEL_").lower() for c in r.claims)
-            mark = "[green]correct[/green]" if right else "[yellow]refused[/yellow]" if refused else "[red]wrong[/red]"
-            console.print(escape(f"  Q: {q}\n     A: {a}") + f"\n     {mark}; claims: {labels or '-'}")
-        rate = wrong / attempted if attempted else 0.0
-        console.print(f"hallucination rate among attempted answers: {rate:.0%} ({wrong}/{attempted})")
+        hits = await rc.search([q for q, _ in MODEL_QUESTIONS], top_k=2)
+        for mode in ("closed-book", "with retrieval"):
+            chats = []
+            for (q, _), passages in zip(MODEL_QUESTIONS, hits):
+                context = "" if mode == "closed-book" else "Use these passages:\n" + "\n".join(
+                    f"- {p.title}: {p.text[:400]}" for p in passages) + "\n\n"
+                chats.append([{"role": "user", "content": f"{context}{q} Answer in one short sentence."}])
+            reply = await g.generate(chats, temperature=0, max_tokens=40, timeout=600)
+            answers = [c.text.replace("<|im_end|>", "").strip() for c in reply.completions]
+            verdicts = await v.verify([VerifyItem(answer=a) for a in answers], judge="lexical")
+            attempted = wrong = 0
+            console.print(f"[bold]{mode}[/bold]")
+            for (q, gold), a, r in zip(MODEL_QUESTIONS, answers, verdicts.results):
+                refused = is_refusal(a)
+                right = bool(cover_exact_match(a, gold))
+                attempted += not refused
+                wrong += (not refused) and not right
+                labels = ", ".join(vpb.Label.Name(c.label).removeprefix("LABEL_").lower() for c in r.claims)
+                mark = ("[green]correct[/green]" if right else "[yellow]refused[/yellow]" if refused
+                        else "[red]wrong[/red]")
+                console.print(escape(f"  Q: {q}\n     A: {a}") + f"\n     {mark}; claims: {labels or '-'}")
+            rate = wrong / attempted if attempted else 0.0
+            console.print(f"  {mode}: hallucination rate among attempted answers {rate:.0%} ({wrong}/{attempted})")
+
+
+DEMO_WORLD_ENTITIES = 40  # per pool: taught, kb_only, copy
+
+
+def demo_world_loop(console: Console, procs: dict) -> None:
+    """Steps 9-12: the demo world, its model, evaluation, GRPO through the services with hot-swaps, evaluation."""
+    import shutil
+
+    from rich.table import Table
+
+    from training.demo_model import SftConfig, train_demo_model
+    from training.eval import EvalConfig, evaluate, summary_table
+    from training.world import World, build_world
+
+    run_dir = stack.run_dir()
+    world_dir, model_dir = run_dir / "world", run_dir / "models" / "demo-world"
+    console.rule("9. the demo world: a fictional knowledge base, and a small model that knows only part of it")
+    if (world_dir / "world.json").exists():
+        world = World.load(world_dir)
+    else:
+        world = build_world(entities_per_pool=DEMO_WORLD_ENTITIES)
+        world.save(world_dir)
+    taught, kb_only = world.pool("taught"), world.pool("kb_only")
+    console.print(f"{len(world.entities)} people with a birthplace, an occupation and an instrument: the model is "
+                  f"taught {len(taught)}; {len(kb_only)} live only in the knowledge base; held-out people "
+                  "(never seen by GRPO) are the evaluation set. e.g. " + escape(world.document(kb_only[0])["text"]))
+
+    async def ingest() -> None:
+        async with RetrievalClient(procs["retrieval"].target) as rc:
+            await rc.upsert([Document(**d) for d in world.corpus()])
+
+    asyncio.run(ingest())
+    if not (model_dir / "config.json").exists():
+        console.print("cold start (supervised): taught facts closed-book; on unfamiliar names, searching and "
+                      "copying the answer from the documents - but guessing more often than searching")
+        stats = train_demo_model(world, model_dir, SftConfig())
+        console.print(f"demo model: {stats['parameters']:,} parameters, loss {stats['final_loss']:.3f} after "
+                      f"{stats['steps']} steps ({stats['seconds']:.0f}s)")
+    checkpoint_root = run_dir / "checkpoints"
+    run_id = f"demo-world-{time.strftime('%Y%m%d-%H%M%S')}"
+    start = checkpoint_root / run_id / "start"
+    shutil.copytree(model_dir, start, dirs_exist_ok=True)
+
+    async def publish() -> int:
+        from services.generation.client import GenerationClient
+
+        async with GenerationClient(procs["generation"].target) as g:
+            info = await g.model_info()
+            reply = await g.update_weights(str(start), info.weight_version + 1)
+            return reply.version, reply.swap_seconds
+
+    version, seconds = asyncio.run(publish())
+    console.print(f"hot-swapped the demo model into generation as weight version {version} ({seconds:.2f}s, "
+                  "no restart)")
+
+    def evaluate_both(label: str) -> list[dict]:
+        out = []
+        for ds in ("demo_world:kb_only:heldout", "demo_world:taught:heldout"):
+            cfg = EvalConfig(dataset=ds, mode="retrieval", match="exact", label=label,
+                             generation_target=procs["generation"].target,
+                             verification_target=procs["verification"].target)
+            out.append(asyncio.run(evaluate(cfg, progress=False)))
+        console.print(summary_table(out))
+        return out
+
+    console.rule("10. evaluate it on held-out people (the search tool is available; the model decides)")
+    before = evaluate_both("before")
+    console.rule("11. GRPO through the services: rollouts <- generation (+retrieval), rewards <- reward, "
+                 "weights -> generation every step")
+    after_version = asyncio.run(train_through_service(console, procs["training"].target, run_id, start))
+    console.rule("12. evaluate again")
+    after = evaluate_both("after")
+    table = Table(title="held-out demo-world questions: before vs after GRPO")
+    for col in ("questions", "", "correct", "hallucinated", "abstained", "correct-or-abstain", "searched"):
+        table.add_column(col, justify="left" if col in ("questions", "") else "right")
+    for b, a in zip(before, after):
+        name = b["benchmark"].split(":")[1]
+        for tag, r in ((f"before v{b['weight_version']}", b), (f"after v{a['weight_version']}", a)):
+            table.add_row(name, tag, f"{r['correct']:.0%}", f"{r['incorrect']:.0%}", f"{r['not_attempted']:.0%}",
+                          f"{r['correct_or_abstain']:.0%}", f"{r['search_rate']:.0%}")
+    console.print(table)
+    b, a = before[0], after[0]
+    drop = 1 - a["incorrect"] / b["incorrect"] if b["incorrect"] else 0.0
+    console.print(f"facts only the knowledge base holds: hallucinated answers {b['incorrect']:.0%} -> "
+                  f"{a['incorrect']:.0%} ({drop:.0%} relative drop); correct-or-abstain "
+                  f"{b['correct_or_abstain']:.0%} -> {a['correct_or_abstain']:.0%}; generation now serves "
+                  f"v{after_version}")
+    console.print(f"results: {Path(a['path']).parent} (JSON per benchmark and version), chart: {a['chart']}")
+    console.print(f"training metrics and eval gauges: http://127.0.0.1:{procs['training'].metrics_port}/metrics "
+                  f"(knowserve_training_*, knowserve_eval_*)")
+
+
+async def train_through_service(console: Console, target: str, run_id: str, model: Path) -> int:
+    """StartRun on the training service with training/configs/demo_world.yaml, then follow its progress."""
+    from tqdm import tqdm
+
+    from knowserve.training.v1 import training_service_pb2 as tpb
+    from services.training.client import TrainingClient
+    from services.training.server import LOSSES_BACK
+    from training.config import RunConfig
+
+    cfg = RunConfig.from_yaml(Path(__file__).resolve().parents[1] / "training/configs/demo_world.yaml")
+    h = cfg.hyperparameters
+    hp = tpb.Hyperparameters(**{k: v for k, v in h.model_dump(exclude_none=True).items() if k != "loss_type"},
+                             loss_type=LOSSES_BACK[h.loss_type or "grpo"])
+    options = tpb.RunOptions(max_tool_turns=cfg.max_tool_turns, retrieval_top_k=cfg.retrieval_top_k,
+                             checkpoint_every=cfg.checkpoint_every)
+    if cfg.tool_protocol != "default":
+        options.tool_protocol = cfg.tool_protocol
+    async with TrainingClient(target) as client:
+        run = await client.start_run(cfg.recipe, cfg.dataset, model=str(model), run_id=run_id, hyperparameters=hp,
+                                     options=options)
+        console.print(f"run {run.run_id}: {run.recipe} on {run.dataset}, {run.hyperparameters.max_steps} steps of "
+                      f"{run.hyperparameters.batch_size} rollouts (groups of {run.hyperparameters.group_size})")
+        bar = tqdm(total=run.hyperparameters.max_steps, desc="GRPO", unit="step")
+        async for p in client.stream_progress(run.run_id):
+            bar.update(p.step - bar.n)
+            bar.set_postfix(reward=f"{p.reward_mean:+.2f}", v=p.weight_version)
+            if p.step == 1 or p.step % 10 == 0:
+                comps = ", ".join(f"{k} {v:+.2f}" for k, v in sorted(p.reward_components.items()))
+                bar.write(f"  step {p.step}: reward {p.reward_mean:+.2f} ({comps}); {p.message}")
+        bar.close()
+        run = await client.get_run(run.run_id)
+        if run.state != tpb.RUN_STATE_SUCCEEDED:
+            raise SystemExit(f"GRPO run {run.run_id} ended {tpb.RunState.Name(run.state)}: {run.error}")
+        console.print(f"run {run.run_id}: {run.step} steps, generation serves v{run.weight_version}")
+        return run.weight_version

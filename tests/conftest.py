@@ -200,7 +200,14 @@ async def run_tool(*args: str, input: str | None = None) -> subprocess.Completed
 
 
 @pytest.fixture(scope="session")
-def serve_generation(tmp_path_factory):
+def generation_retrieval_port():
+    """The port the session's generation app sends tool-protocol searches to; a test that needs retrieval inside
+    generation starts a retrieval service there."""
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def serve_generation(tmp_path_factory, generation_retrieval_port):
     """The generation app on a real local Ray head (explicit ports and CPUs, a tiny model built here); stopped
     by signalling our own process group, never `ray stop`. Shared by the generation and verification tests."""
     from services.common.models import tiny_lm_folder
@@ -216,7 +223,8 @@ def serve_generation(tmp_path_factory):
                KNOWSERVE_GENERATION_METRICS_DIR=str(root / "metrics"), KNOWSERVE_GENERATION_REPLICAS="2",
                KNOWSERVE_GENERATION_REPLICA_NUM_CPUS="0.5", KNOWSERVE_GENERATION_RAY_NUM_CPUS="2",
                KNOWSERVE_GENERATION_MAX_TOKENS_LIMIT="64", KNOWSERVE_GENERATION_DEFAULT_MAX_TOKENS="16",
-               KNOWSERVE_GENERATION_RETRIEVAL_TARGET=f"127.0.0.1:{free_port()}", RAY_USAGE_STATS_ENABLED="0")
+               KNOWSERVE_GENERATION_RETRIEVAL_TARGET=f"127.0.0.1:{generation_retrieval_port}",
+               RAY_USAGE_STATS_ENABLED="0")
     log = open(root / "generation.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "services.generation"], cwd=ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)

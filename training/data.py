@@ -15,6 +15,7 @@ and ``gold_answers`` (a string or a list of aliases) on every line:
 from __future__ import annotations
 
 import json
+import os
 import random
 import zipfile
 from dataclasses import dataclass, field
@@ -118,6 +119,13 @@ def qa_wikidata_rows(cache: Path = CACHE) -> list[QaRow]:
     return rows
 
 
+def world_dir_default() -> Path:
+    """Where the demo world lives: ``KNOWSERVE_WORLD_DIR``, else ``<KNOWSERVE_RUN_DIR or .knowserve>/world``."""
+    if os.environ.get("KNOWSERVE_WORLD_DIR"):
+        return Path(os.environ["KNOWSERVE_WORLD_DIR"])
+    return Path(os.environ.get("KNOWSERVE_RUN_DIR", ROOT / ".knowserve")) / "world"
+
+
 def load_dataset(name: str, world_dir: Path | None = None, limit: int = 0, seed: int = 0) -> list[QaRow]:
     """Rows of dataset ``name`` (see the module docstring); ``limit`` > 0 keeps a seeded random sample.
 
@@ -129,7 +137,7 @@ def load_dataset(name: str, world_dir: Path | None = None, limit: int = 0, seed:
     base, _, rest = name.partition(":")
     if base == "demo_world":
         pool, _, split = rest.partition(":")
-        rows = demo_world_rows(world_dir or ROOT / ".knowserve/world", pool or None, split or None)
+        rows = demo_world_rows(world_dir or world_dir_default(), pool or None, split or None)
     elif name == "halueval_qa":
         rows = halueval_rows()
     elif name == "truthfulqa":

@@ -36,6 +36,19 @@ TAGS = ["<think>", "</think>", "<answer>", "</answer>", "<|begin_of_query|>", "<
         "<|begin_of_documents|>", "<|end_of_documents|>"]
 
 
+def uses_demo_prompt(model_folder: str | Path) -> bool:
+    """True for a model whose tokenizer has no chat template (the demo model and its published checkpoints):
+    it is prompted with :data:`PROMPT` text rather than chat messages."""
+    folder = Path(model_folder)
+    if (folder / "chat_template.jinja").exists():
+        return False
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return not config.get("chat_template")
+
+
 def prompt_for(question: str) -> str:
     """The text prompt the demo model is trained and served with.
 
@@ -57,17 +70,18 @@ def documents_block(passages: list[tuple[str, str]]) -> str:
 
 
 def direct_completion(name: str, attribute: str, value: str) -> str:
+    """A closed-book answer. The leading space makes the name the same tokens as in the question."""
     statement = STATEMENTS[attribute].format(name=name, value=value)
-    return f"{statement}</think><answer>{value}</answer>"
+    return f" {statement}</think><answer>{value}</answer>"
 
 
 def search_segments(name: str, attribute: str, values: dict[str, str]) -> list[tuple[str, bool]]:
     """A searching completion as (text, trained) segments: the inserted documents are not trained on."""
     doc_text = " ".join(STATEMENTS[a].format(name=name, value=values[a]) for a in ATTRIBUTES)
     query = QUERIES[attribute].format(name=name)
-    return [(f"<|begin_of_query|>{query}<|end_of_query|>", True),
+    return [(f"<|begin_of_query|> {query}<|end_of_query|>", True),
             (documents_block([(name, doc_text)]), False),
-            (direct_completion(name, attribute, values[attribute]), True)]
+            (f"</think><answer>{values[attribute]}</answer>", True)]
 
 
 def build_tokenizer(world: World, folder: Path, vocab_size: int = 1024, seed: int = 0):
@@ -76,9 +90,10 @@ def build_tokenizer(world: World, folder: Path, vocab_size: int = 1024, seed: in
     from transformers import PreTrainedTokenizerFast
 
     rng = random.Random(seed)
-    texts = [d["text"] for d in world.corpus()] + [d["title"] for d in world.corpus()]
-    # whole transcripts (half of them searching, on random names): templates become single tokens
-    texts += ["".join(t for t, _ in ex) for ex in sft_examples(world, 3000, 0.5, rng)]
+    # whole transcripts on random names only: templates and values become single tokens, while every name -
+    # taught, KB-only or random - splits into the same kind of trained sub-word pieces (the tokenizer must not
+    # "know" the knowledge base's entities)
+    texts = ["".join(t for t, _ in ex) for ex in sft_examples(world, 3000, 0.5, rng, unfamiliar_fraction=1.0)]
     texts += [" ".join(v) for v in VALUES.values()] + ["I don't know"]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -109,12 +124,13 @@ def build_model(tokenizer, hidden: int = 128, layers: int = 4, heads: int = 4, s
 class SftConfig:
     """Cold-start settings (defaults fit the demo's time budget on 2 cores)."""
 
-    steps: int = 1200
+    steps: int = 600
     batch_size: int = 32
     learning_rate: float = 3e-3
     warmup_steps: int = 50
-    unfamiliar_fraction: float = 0.5  # share of examples about fresh random names (the rest: taught facts)
-    search_fraction: float = 0.3  # share of those that search; the others guess (hallucinate)
+    drill_fraction: float = 0.3  # reading drills: documents given, only the copied answer trained
+    unfamiliar_fraction: float = 0.6  # of the rest: share about fresh random names (the others: taught facts)
+    search_fraction: float = 0.4  # share of those that search; the others guess (hallucinate)
     hidden: int = 128
     layers: int = 4
     heads: int = 4
@@ -123,18 +139,27 @@ class SftConfig:
 
 
 def sft_examples(world: World, n: int, search_fraction: float, rng: random.Random,
-                 unfamiliar_fraction: float = 0.5) -> list[list[tuple[str, bool]]]:
+                 unfamiliar_fraction: float = 0.5, drill_fraction: float = 0.0) -> list[list[tuple[str, bool]]]:
     """``n`` cold-start examples as (text, trained) segments: prompt (not trained), then the completion.
 
-    A share ``1 - unfamiliar_fraction`` recalls taught facts. The rest are about fresh random names: a share
-    ``search_fraction`` of those searches and copies the answer from the documents; the others answer anyway with
-    a random value — the confident guessing a pretrained model does on facts it never saw, which GRPO then has to
-    train away.
+    A share ``drill_fraction`` are reading drills: the query and its documents are given (not trained on) and
+    only the answer copied out of them is trained — practice at reading documents that does not teach *when* to
+    search. Of the rest, a share ``1 - unfamiliar_fraction`` recalls taught facts, and the others are about fresh
+    random names: a share ``search_fraction`` of those searches and copies the answer from the documents; the
+    others answer anyway with a random value — the confident guessing a pretrained model does on facts it never
+    saw, which GRPO then has to train away.
     """
     taught = world.pool("taught")
     out = []
     for _ in range(n):
         attribute = rng.choice(ATTRIBUTES)
+        if rng.random() < drill_fraction:
+            name = _name(rng)
+            values = {a: rng.choice(VALUES[a]) for a in ATTRIBUTES}
+            query, docs, answer = search_segments(name, attribute, values)
+            prompt = prompt_for(QUESTIONS[attribute].format(name=name))
+            out.append([(prompt, False), (query[0], False), docs, answer, (EOS, True)])
+            continue
         if rng.random() < unfamiliar_fraction:
             name = _name(rng)
             values = {a: rng.choice(VALUES[a]) for a in ATTRIBUTES}
@@ -180,7 +205,8 @@ def train_demo_model(world: World, folder: Path, cfg: SftConfig | None = None, p
     bar = tqdm(range(cfg.steps), desc="cold-start SFT", unit="step", disable=not progress)
     for step in bar:
         batch = [encode_segments(tokenizer, ex) for ex in sft_examples(world, cfg.batch_size, cfg.search_fraction,
-                                                                       rng, cfg.unfamiliar_fraction)]
+                                                                       rng, cfg.unfamiliar_fraction,
+                                                                       cfg.drill_fraction)]
         width = max(len(ids) for ids, _ in batch)
         input_ids = torch.full((len(batch), width), tokenizer.pad_token_id)
         labels = torch.full((len(batch), width), -100)

@@ -47,7 +47,7 @@ class EvalConfig:
     generation_app_name: str = "knowserve-generation"
     verification_target: str = "127.0.0.1:50052"  # "" skips claim support
     judge: str = ""
-    out_dir: str = ".knowserve/eval"
+    out_dir: str = ""  # "": <KNOWSERVE_RUN_DIR or .knowserve>/eval
     batch: int = 32
     label: str = ""
 
@@ -98,7 +98,9 @@ async def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
         info = await gen.model_info()
         fmt = cfg.prompt_format
         if fmt == "auto":
-            fmt = "demo" if Path(info.checkpoint_uri, "knowserve_sft.json").exists() else "chat"
+            from training.demo_model import uses_demo_prompt
+
+            fmt = "demo" if uses_demo_prompt(info.checkpoint_uri) else "chat"
         records = []
         bar = tqdm(total=len(rows), desc=f"eval {cfg.dataset} ({cfg.mode})", unit="q", disable=not progress)
         for i in range(0, len(rows), cfg.batch):
@@ -130,7 +132,7 @@ async def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
               "search_rate": sum(r["searched"] for r in records) / len(records),
               "claim_support": support, "seconds": time.monotonic() - start,
               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "records": records}
-    out = Path(cfg.out_dir)
+    out = Path(cfg.out_dir) if cfg.out_dir else default_out_dir()
     out.mkdir(parents=True, exist_ok=True)
     name = f"{_slug(cfg.dataset)}__{cfg.mode}__v{result['weight_version']}"
     path = out / f"{name}.json"
@@ -159,6 +161,12 @@ async def _claim_support(cfg: EvalConfig, records: list[dict]) -> float | None:
                 supported += res.supported
                 total += len(res.claims)
     return supported / total if total else None
+
+
+def default_out_dir() -> Path:
+    import os
+
+    return Path(os.environ.get("KNOWSERVE_RUN_DIR", Path(__file__).resolve().parents[1] / ".knowserve")) / "eval"
 
 
 def _slug(name: str) -> str:

@@ -203,9 +203,9 @@ def render_prompt(question: str, fmt: str, system_prompt: str):
 def prompt_format(cfg: RunConfig) -> str:
     if cfg.prompt_format != "auto":
         return cfg.prompt_format
-    if (Path(cfg.model) / "knowserve_sft.json").exists():  # the demo world's own model
-        return "demo"
-    return "chat"
+    from training.demo_model import uses_demo_prompt
+
+    return "demo" if uses_demo_prompt(cfg.model) else "chat"
 
 
 class Control:
@@ -239,6 +239,7 @@ def make_callback(run: RunDir, st: RunState, cfg: RunConfig, publisher: WeightPu
 
     class KnowserveCallback(TrainerCallback):
         def __init__(self):
+            self.on_progress = on_progress
             self.step_start = time.perf_counter()
             self.pending_message = ""
             self.kl = 0.0
@@ -289,8 +290,8 @@ def make_callback(run: RunDir, st: RunState, cfg: RunConfig, publisher: WeightPu
                       "step_seconds": time.perf_counter() - self.step_start, "message": "; ".join(messages)}
             run.append_progress(record)
             run.write_state(st)
-            if on_progress:
-                on_progress(record)
+            if self.on_progress:
+                self.on_progress(record)
             if control.requested:
                 control_.should_save = True
                 control_.should_training_stop = True
@@ -299,9 +300,10 @@ def make_callback(run: RunDir, st: RunState, cfg: RunConfig, publisher: WeightPu
 
 
 def run_training(run_root: Path, resume: bool = False, on_progress: Callable[[dict], None] | None = None,
-                 progress_bar: bool = True) -> RunState:
+                 progress_bar: bool = False) -> RunState:
     """Train the run in ``run_root`` (its ``config.yaml`` written by :meth:`RunDir.write_config`) to the end, to a
-    stop request, or to an error; returns the final state (also in ``state.json``)."""
+    stop request, or to an error; returns the final state (also in ``state.json``). ``progress_bar`` shows a tqdm
+    bar (rate, ETA, reward, weight version); ``on_progress`` gets every step's record."""
     run = RunDir(run_root)
     cfg = run.config().check()
     h = cfg.resolved_hyperparameters()
@@ -316,8 +318,10 @@ def run_training(run_root: Path, resume: bool = False, on_progress: Callable[[di
     io = rollout = publisher = rewards = None
     try:
         import torch
+        from transformers.utils import logging as hf_logging
 
         torch.set_num_threads(cfg.threads)
+        hf_logging.disable_progress_bar()  # "Writing model shards" bars at every publish
         from datasets import Dataset
         from transformers import AutoTokenizer
         from trl import GRPOConfig, GRPOTrainer
@@ -348,7 +352,7 @@ def run_training(run_root: Path, resume: bool = False, on_progress: Callable[[di
             max_completion_length=h.max_completion_tokens, max_steps=h.max_steps, learning_rate=h.learning_rate,
             beta=h.beta, loss_type=h.loss_type, temperature=h.temperature, reward_weights=weights, seed=h.seed,
             logging_steps=1, report_to=[], save_strategy="steps", save_steps=cfg.checkpoint_every,
-            save_total_limit=2, disable_tqdm=not progress_bar, dataloader_num_workers=0,
+            save_total_limit=2, disable_tqdm=True, dataloader_num_workers=0,
             deepspeed=cfg.deepspeed or None, lr_scheduler_type="constant_with_warmup", warmup_steps=0,
         )
         peft_config = None
@@ -357,15 +361,32 @@ def run_training(run_root: Path, resume: bool = False, on_progress: Callable[[di
 
             peft_config = LoraConfig(r=h.lora_rank, lora_alpha=2 * h.lora_rank, target_modules="all-linear",
                                      task_type="CAUSAL_LM")
+        callback = make_callback(run, st, cfg, publisher, rewards, rollout, control, on_progress)
         trainer = GRPOTrainer(model=cfg.model, reward_funcs=funcs, args=args, train_dataset=dataset,
                               processing_class=tokenizer, rollout_func=rollout, peft_config=peft_config,
-                              callbacks=[make_callback(run, st, cfg, publisher, rewards, rollout, control,
-                                                       on_progress)])
+                              callbacks=[callback])
         trainer_ref["t"] = trainer
         checkpoint = run.last_checkpoint() if resume else None
         if checkpoint is not None:
             run.truncate_progress(int(checkpoint.name.split("-")[-1]))
+        bar = None
+        if progress_bar:
+            from tqdm import tqdm
+
+            done = int(checkpoint.name.split("-")[-1]) if checkpoint else 0
+            bar = tqdm(total=h.max_steps, initial=done, desc=f"GRPO {cfg.run_id}", unit="step")
+            user_progress = on_progress
+
+            def on_progress_bar(r: dict) -> None:
+                bar.update(r["step"] - bar.n)
+                bar.set_postfix(reward=f"{r['reward_mean']:+.2f}", v=r["weight_version"])
+                if user_progress:
+                    user_progress(r)
+
+            callback.on_progress = on_progress_bar
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        if bar is not None:
+            bar.close()
         st.step = trainer.state.global_step
         if control.requested:
             st.state = STOPPED

@@ -36,6 +36,13 @@ class BackgroundLoop:
     def run(self, coro, timeout: float | None = None):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
+    def make(self, factory):
+        """Build an object on the loop (gRPC aio channels bind to the loop they are created on)."""
+        async def build():
+            return factory()
+
+        return self.run(build())
+
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=5)
@@ -87,7 +94,8 @@ class ServiceRollout:
         from services.generation.client import GenerationClient
 
         self.io = io
-        self.client = GenerationClient(generation_target, retrying_options(retry_seconds, call_timeout), app_name)
+        self.client = io.make(lambda: GenerationClient(generation_target, retrying_options(retry_seconds, call_timeout),
+                                                       app_name))
         self.temperature, self.max_tokens = temperature, max_tokens
         self.tool_protocol, self.max_tool_turns, self.retrieval_top_k = tool_protocol, max_tool_turns, retrieval_top_k
         self.seed = seed
@@ -147,7 +155,8 @@ class WeightPublisher:
         from services.generation.client import GenerationClient
 
         self.io = io
-        self.client = GenerationClient(generation_target, retrying_options(retry_seconds, 900.0), app_name)
+        self.client = io.make(lambda: GenerationClient(generation_target, retrying_options(retry_seconds, 900.0),
+                                                       app_name))
         self.checkpoint_dir = checkpoint_dir
         self.keep = keep
         self.history: list[PublishResult] = []

@@ -16,10 +16,11 @@ class TrainingClient(ServiceClient[pb_grpc.TrainingServiceStub]):
         super().__init__("training", target, pb_grpc.TrainingServiceStub, options)
 
     async def start_run(self, recipe: str = "", dataset: str = "", *, model: str = "", run_id: str = "",
-                        hyperparameters: pb.Hyperparameters | None = None, resume: bool = False) -> pb.Run:
+                        hyperparameters: pb.Hyperparameters | None = None, options: pb.RunOptions | None = None,
+                        resume: bool = False) -> pb.Run:
         reply = await self.call("StartRun", pb.StartRunRequest(
             run_id=run_id, recipe=recipe, dataset=dataset, model=model, resume=resume,
-            hyperparameters=hyperparameters or pb.Hyperparameters()))
+            hyperparameters=hyperparameters or pb.Hyperparameters(), options=options or pb.RunOptions()))
         return reply.run
 
     async def get_run(self, run_id: str) -> pb.Run:

@@ -39,6 +39,19 @@ def hyper_from_proto(h: pb.Hyperparameters) -> Hyperparameters:
         use_lora=h.use_lora or None, lora_rank=h.lora_rank or None, seed=h.seed or None)
 
 
+def options_from_proto(o: pb.RunOptions) -> dict:
+    """RunConfig fields the request sets (zero values: the defaults)."""
+    out: dict = {}
+    if o.HasField("tool_protocol"):
+        out["tool_protocol"] = o.tool_protocol
+    for name in ("max_tool_turns", "retrieval_top_k", "dataset_limit", "checkpoint_every"):
+        if getattr(o, name):
+            out[name] = getattr(o, name)
+    if o.prompt_format:
+        out["prompt_format"] = o.prompt_format
+    return out
+
+
 def run_to_proto(st: RunState, cfg: RunConfig) -> pb.Run:
     h = cfg.resolved_hyperparameters()
     return pb.Run(run_id=st.run_id, state=STATES.get(st.state, pb.RUN_STATE_UNSPECIFIED), recipe=cfg.recipe,
@@ -58,7 +71,7 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
 
     async def StartRun(self, request: pb.StartRunRequest, context) -> pb.StartRunResponse:
         spec = StartSpec(request.run_id, request.recipe, request.dataset, request.model,
-                         hyper_from_proto(request.hyperparameters), request.resume)
+                         hyper_from_proto(request.hyperparameters), request.resume, options_from_proto(request.options))
         st, cfg = await asyncio.to_thread(self.app.require_core().start, spec)
         return pb.StartRunResponse(run=run_to_proto(st, cfg))
 
