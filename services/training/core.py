@@ -96,6 +96,9 @@ class TrainingCore:
 
     # -- commands
     def start(self, spec: StartSpec) -> tuple[RunState, RunConfig]:
+        if self._live_count() >= self.s.max_concurrent_runs:
+            raise ResourceExhausted(f"{self.s.max_concurrent_runs} run(s) already training "
+                                    "(KNOWSERVE_TRAINING_MAX_CONCURRENT_RUNS); stop one or wait")
         if spec.resume:
             run = self._run(spec.run_id)
             st, cfg = self.state(spec.run_id)
@@ -114,9 +117,6 @@ class TrainingCore:
                 run = prepare_run(cfg)
             except (ConfigError, DatasetError) as e:
                 raise InvalidArgument(_field_of(str(e)), str(e)) from None
-        if self._live_count() >= self.s.max_concurrent_runs:
-            raise ResourceExhausted(f"{self.s.max_concurrent_runs} run(s) already training "
-                                    "(KNOWSERVE_TRAINING_MAX_CONCURRENT_RUNS); stop one or wait")
         self._spawn(run, resume=spec.resume)
         return self.state(run.root.name)
 

@@ -69,7 +69,7 @@ async def training_stack(serve_generation, generation_retrieval_port, demo_world
                          start_verification, starter, tmp_path):
     target, checkpoint_root, _ = serve_generation
     world, world_dir, model = demo_world_model
-    retrieval = await start_retrieval(port=generation_retrieval_port, dense=False)
+    retrieval = await start_retrieval(port=generation_retrieval_port, dense=False, default_mode="bm25")
     await retrieval.client.upsert([Document(**d) for d in world.corpus()])
     verification = await start_verification(retrieval_target=retrieval.server.address)
     reward = await start_reward(starter, verification.server.address)

@@ -124,7 +124,7 @@ async def test_services_killed_mid_run_are_waited_for(training_stack, generation
     await stack.reward.stop()
     await stack.retrieval.stop()
     await asyncio.sleep(4)
-    retrieval = await start_retrieval(port=generation_retrieval_port, dense=False)
+    retrieval = await start_retrieval(port=generation_retrieval_port, dense=False, default_mode="bm25")
     from services.retrieval.core import Document
 
     await retrieval.client.upsert([Document(**d) for d in stack.world.corpus()])
