@@ -205,7 +205,8 @@ def cmd_train(args) -> int:
             return asyncio.run(_train_via_service(cfg, args, console))
         from training.grpo import SUCCEEDED, STOPPED, prepare_run, run_training
 
-        run = prepare_run(cfg, resume=args.resume)
+        resume = args.resume and cfg.run_id and (Path(cfg.runs_dir) / cfg.run_id / "state.json").exists()
+        run = prepare_run(cfg, resume=bool(resume))
     except (ConfigError, ValueError) as e:
         console.print(f"[red]cannot start the run:[/red] {e}")
         return 2
@@ -216,7 +217,7 @@ def cmd_train(args) -> int:
                       f"refusal {r['refusal_rate']:.0%} kl {r['kl']:.4f} v{r['weight_version']} "
                       f"{r['step_seconds']:.1f}s {r['message']}")
 
-    st = run_training(run.root, resume=args.resume, on_progress=show if args.verbose else None, progress_bar=True)
+    st = run_training(run.root, resume=bool(resume), on_progress=show if args.verbose else None, progress_bar=True)
     console.print(f"run {st.run_id}: {st.state} at step {st.step}/{st.max_steps}, generation serves "
                   f"v{st.weight_version}" + (f" — {st.error}" if st.error else ""))
     return 0 if st.state in (SUCCEEDED, STOPPED) else 1
@@ -375,7 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="run GRPO through the services (config YAML: training.config.RunConfig)")
     p.add_argument("config")
     p.add_argument("--run-id", default="")
-    p.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the run (config run_id) from its last "
+                   "checkpoint if it exists, else start it")
     p.add_argument("--via-service", action="store_true", help="start it on the training service and follow it")
     p.add_argument("--target", help="training service host:port (with --via-service)")
     p.add_argument("--verbose", action="store_true", help="print one line per step")

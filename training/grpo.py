@@ -149,7 +149,9 @@ class StagedRewards:
 
     def _total(self, prompts, completions, **columns):
         adapter = self.active()
+        start = time.perf_counter()
         scores = adapter.score(prompts, completions, **columns)
+        seconds = time.perf_counter() - start
         texts = [c if isinstance(c, str) else "".join(m.get("content", "") for m in c) for c in completions]
         answers = [last_answer(t) for t in texts]
         comps: dict[str, list[float]] = {}
@@ -162,6 +164,7 @@ class StagedRewards:
             "reward_mean": sum(s.total for s in scores) / max(1, len(scores)),
             "reward_components": {k: sum(v) / len(v) for k, v in comps.items()},
             "refusal_rate": sum(bool(a) and is_refusal(a) for a in answers) / max(1, len(answers)),
+            "reward_seconds": seconds,
         }
         return [s.total for s in scores]
 
@@ -269,8 +272,10 @@ def make_callback(run: RunDir, st: RunState, cfg: RunConfig, publisher: WeightPu
         def on_step_end(self, args, state, control_, model=None, processing_class=None, **kw):
             messages = [self.pending_message] if self.pending_message else []
             self.pending_message = ""
+            publish_seconds = 0.0
             if publisher is not None and state.global_step % h.sync_every == 0:
                 result = publisher.publish(model, processing_class, state.global_step)
+                publish_seconds = result.seconds
                 if result.ok:
                     st.weight_version = result.version
                     messages.append(f"weights v{result.version} published ({result.seconds:.1f}s)")
@@ -287,6 +292,7 @@ def make_callback(run: RunDir, st: RunState, cfg: RunConfig, publisher: WeightPu
                       "tool_turns_mean": (sum(rollout.last.tool_turns) / len(rollout.last.tool_turns)
                                           if rollout.last.tool_turns else 0.0),
                       "rollout_seconds": rollout.last.seconds,
+                      "reward_seconds": batch.get("reward_seconds", 0.0), "publish_seconds": publish_seconds,
                       "step_seconds": time.perf_counter() - self.step_start, "message": "; ".join(messages)}
             run.append_progress(record)
             run.write_state(st)

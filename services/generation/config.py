@@ -40,6 +40,8 @@ class GenerationSettings(ServiceSettings):
     threads_per_replica: int = Field(1, ge=1, description="torch threads in each replica.")
     ray_address: str = Field("", description="Existing Ray cluster (ray://... or auto); empty starts a local head.")
     ray_num_cpus: int = Field(2, ge=1, description="CPUs of the local Ray head when one is started.")
+    dashboard_host: str = Field("127.0.0.1", description="Host of the Ray dashboard (Serve's REST API); the "
+                                "head service on KubeRay, where a replica may run on a worker pod.")
     dashboard_port: int = Field(8265, ge=1, le=65535, description="Ray dashboard (Serve's REST deploy API).")
     app_name: str = Field("knowserve-generation")
     swap_timeout_seconds: float = Field(300.0, gt=0)

@@ -22,7 +22,7 @@ DEPLOYMENT = "GenerationDeployment"
 
 
 def dashboard_url(s: GenerationSettings) -> str:
-    return f"http://127.0.0.1:{s.dashboard_port}"
+    return f"http://{s.dashboard_host}:{s.dashboard_port}"
 
 
 def settings_args(s: GenerationSettings) -> dict[str, Any]:
