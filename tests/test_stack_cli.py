@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from tests.conftest import ROOT, free_port
@@ -16,10 +17,11 @@ def knowserve(env, *args, check=True):
 
 
 def test_local_stack_lifecycle(tmp_path, subprocess_env):
-    port = free_port()
+    port, prom_port = free_port(), free_port()
     env = dict(subprocess_env, KNOWSERVE_RUN_DIR=str(tmp_path / "run"), KNOWSERVE_RETRIEVAL_PORT=str(port),
                KNOWSERVE_RETRIEVAL_METRICS_PORT=str(free_port()), KNOWSERVE_RETRIEVAL_DENSE="false",
-               KNOWSERVE_RETRIEVAL_DEFAULT_MODE="bm25", COLUMNS="200")
+               KNOWSERVE_RETRIEVAL_DEFAULT_MODE="bm25", COLUMNS="200",
+               KNOWSERVE_STACK_PROMETHEUS_PORT=str(prom_port))
     target = ["--target", f"127.0.0.1:{port}"]
     try:
         up = knowserve(env, "up", "--services", "retrieval")
@@ -27,6 +29,20 @@ def test_local_stack_lifecycle(tmp_path, subprocess_env):
         state = json.loads((tmp_path / "run" / "stack.json").read_text())
         pid = state["retrieval"]["pid"]
         assert (tmp_path / "run" / "data" / "retrieval" / "tantivy").is_dir()  # data under the run dir
+        # the stack's Prometheus scrapes the service it started
+        assert f"prometheus: http://127.0.0.1:{prom_port}" in up.stdout
+        from services.monitoring import LocalPrometheus
+
+        prom = LocalPrometheus(tmp_path, prom_port)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            up_series = prom.query('up{job="knowserve",component="retrieval"}')["data"]["result"]
+            if up_series and up_series[0]["value"][1] == "1":
+                break
+            time.sleep(1)
+        else:
+            raise AssertionError("prometheus never scraped the retrieval service")
+        prom_pid = json.loads((tmp_path / "run" / "prometheus" / "state.json").read_text())["pid"]
 
         corpus = tmp_path / "c.jsonl"
         corpus.write_text("\n".join(json.dumps({"id": f"c{i}", "title": f"City {i}", "text": f"city {i} is nice"})
@@ -44,6 +60,9 @@ def test_local_stack_lifecycle(tmp_path, subprocess_env):
         assert not Path(f"/proc/{pid}").exists() or "services.retrieval" not in Path(
             f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
         assert knowserve(env, "status", check=False).returncode == 1
+        time.sleep(1)
+        assert not Path(f"/proc/{prom_pid}").exists() or b"prometheus" not in Path(
+            f"/proc/{prom_pid}/cmdline").read_bytes() or Path(f"/proc/{prom_pid}/stat").read_text().split()[2] == "Z"
     finally:
         knowserve(env, "down", check=False)
 

@@ -25,14 +25,19 @@ def _f1(a: str, b: str) -> float:
 
 
 def extract_answer(completion: str) -> str:
-    """The answer part of a completion: its last ``<answer>`` section, else its first non-empty line.
+    """The answer part of a completion: its last ``<answer>`` section (an unclosed one, cut off by the token
+    limit, counts as written), else its first non-empty line.
 
     >>> extract_answer("<think>x</think><answer> Velmora </answer>"), extract_answer("Paris.\\nIt is in France.")
     ('Velmora', 'Paris.')
+    >>> extract_answer("<think>x</think><answer>Velm"), extract_answer("<think>x</think>")
+    ('Velm', '<think>x</think>')
     """
     tagged = last_answer(completion)
-    if tagged or "<answer>" in completion:
-        return tagged.strip()
+    if tagged is not None:
+        return tagged
+    if "<answer>" in completion:
+        return completion.rsplit("<answer>", 1)[1].strip()
     return next((line.strip() for line in completion.splitlines() if line.strip()), "")
 
 
