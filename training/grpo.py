@@ -344,7 +344,10 @@ def run_training(run_root: Path, resume: bool = False, on_progress: Callable[[di
         rollout = ServiceRollout(io, cfg.generation_target, app_name=cfg.generation_app_name,
                                  temperature=h.temperature, max_tokens=h.max_completion_tokens,
                                  tool_protocol=cfg.effective_tool_protocol(), max_tool_turns=cfg.max_tool_turns,
-                                 retrieval_top_k=cfg.retrieval_top_k, retry_seconds=cfg.retry_seconds, seed=h.seed)
+                                 retrieval_top_k=cfg.retrieval_top_k, retry_seconds=cfg.retry_seconds,
+                                 # unseeded: the engine batches only samples with equal sampling parameters, and
+                                 # a per-sample seed would split every group into 1-sample engine calls
+                                 seed=None)
         trainer_ref: dict[str, Any] = {}
         rewards = StagedRewards(cfg.stage_bounds(), cfg.reward_target,
                                 lambda: trainer_ref["t"].state.global_step if "t" in trainer_ref else 0,
