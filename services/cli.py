@@ -168,8 +168,10 @@ def cmd_train_verifier(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from services.demo import run_demo
+    from services.demo import run_demo, run_demo_full
 
+    if args.full:
+        return run_demo_full(steps=args.steps, limit=args.limit)
     return run_demo()
 
 
@@ -405,7 +407,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", default="")
     p.set_defaults(fn=cmd_eval)
 
-    sub.add_parser("demo", help="start the stack, ingest the demo corpus, show it working").set_defaults(fn=cmd_demo)
+    p = sub.add_parser("demo", help="start the stack, ingest the demo corpus, show it working")
+    p.add_argument("--full", action="store_true", help="the longer target: KnowRL GRPO on SmolLM2 itself")
+    p.add_argument("--steps", type=int, default=0, help="--full: GRPO steps (0 = the config's)")
+    p.add_argument("--limit", type=int, default=100, help="--full: held-out HaluEval questions evaluated")
+    p.set_defaults(fn=cmd_demo)
     return parser
 
 

@@ -180,6 +180,11 @@ class RunConfig(BaseModel):
                               "demo_world:<pool>:<split>, or a path to a .jsonl file")
         if self.dataset.endswith(".jsonl") and not Path(self.dataset).is_file():
             raise ConfigError(f"dataset file {self.dataset} does not exist")
+        if h.use_lora:
+            import importlib.util
+
+            if importlib.util.find_spec("peft") is None:
+                raise ConfigError("hyperparameters.use_lora needs the peft package: pip install 'knowserve[train]'")
         if self.deepspeed and not Path(self.deepspeed).is_file():
             raise ConfigError(f"deepspeed config {self.deepspeed} does not exist")
         return self
