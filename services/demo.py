@@ -107,6 +107,11 @@ def run_demo() -> int:
     if "generation" in procs and "training" in procs:
         demo_world_loop(console, procs)
     console.rule("done")
+    prom = os.environ.get("KNOWSERVE_STACK_PROMETHEUS_PORT", "9090")
+    console.print(f"Monitoring: Prometheus at http://127.0.0.1:{prom} scrapes every service with the knowserve rules "
+                  "(try knowserve:reward_hallucination_rate:ratio_rate10m, knowserve_eval_answers_ratio, "
+                  "knowserve_training_reward); the Grafana dashboards are in deploy/grafana/dashboards/ (import them "
+                  "with a Prometheus data source) and ship in the Helm chart.")
     console.print("The stack keeps running: try `.venv/bin/knowserve search \"capital of Australia\"`, "
                   "`.venv/bin/knowserve verify \"Canberra is the capital of Australia.\"`, "
                   "`.venv/bin/knowserve status`, then `.venv/bin/knowserve down` (or `make down`).")
