@@ -140,8 +140,9 @@ class WeightSlot:
             raise InvalidArgument("checkpoint_uri", f"{path} does not exist")
         return path
 
-    def prepare(self, uri: str, version: int) -> Weights:
-        """Load and smoke-test ``uri`` beside the serving weights; raise (serving unchanged) if it is unusable."""
+    def prepare(self, uri: str, version: int, smoke: bool = True) -> Weights:
+        """Load and smoke-test ``uri`` beside the serving weights; raise (serving unchanged) if it is unusable.
+        ``smoke=False`` skips the smoke generation for a checkpoint another replica already vetted."""
         if version <= self.current.version:
             raise FailedPrecondition(f"version {version} is not newer than the serving version "
                                      f"{self.current.version}; versions are monotonic")
@@ -153,6 +154,8 @@ class WeightSlot:
         serving = getattr(self.current.engine, "architecture", None)
         if serving and getattr(engine, "architecture", serving) != serving:
             raise FailedPrecondition(f"checkpoint {path} is a {engine.architecture}, the service runs {serving}")
+        if not smoke:
+            return Weights(engine, version, str(path))
         try:
             out = engine.generate([engine.encode("Hello")], [Sampling(temperature=0, max_tokens=2)])[0]
             if not out.token_ids or not all(math.isfinite(x) for x in out.logprobs):

@@ -83,19 +83,20 @@ def wait_running(s: GenerationSettings, timeout: float, deployed_after: float = 
             return
         if fresh and status in ("DEPLOY_FAILED", "UNHEALTHY"):
             raise FailedPrecondition(f"Serve application {s.app_name} is {status}: {deployments}")
-        time.sleep(0.02)
+        time.sleep(0.05)  # each poll is a REST read the dashboard answers on the same cores
     raise Unavailable(f"Serve application {s.app_name} not RUNNING after {timeout:.0f}s (status {status}, "
                       f"deployments {deployments})")
 
 
-def deploy(s: GenerationSettings, user_config: dict | None = None, timeout: float = 600.0) -> None:
-    before = float(_app(s).get("last_deployed_time_s") or 0.0)
+def deploy(s: GenerationSettings, user_config: dict | None = None, timeout: float = 600.0,
+           deployed_before: float | None = None) -> None:
+    before = float(_app(s).get("last_deployed_time_s") or 0.0) if deployed_before is None else deployed_before
     _client(s).deploy_applications(serve_config(s, user_config))
     wait_running(s, timeout, deployed_after=before)
 
 
-def current_user_config(s: GenerationSettings) -> dict:
-    deployed = _app(s).get("deployed_app_config") or {}
+def current_user_config(s: GenerationSettings, app: dict | None = None) -> dict:
+    deployed = ((app if app is not None else _app(s)).get("deployed_app_config") or {})
     for d in deployed.get("deployments") or []:
         if d.get("name") == DEPLOYMENT:
             return dict(d.get("user_config") or {})
@@ -104,12 +105,15 @@ def current_user_config(s: GenerationSettings) -> dict:
 
 def redeploy_weights(s: GenerationSettings, checkpoint_uri: str, version: int) -> None:
     """Redeploy with only ``user_config`` changed: Serve runs ``reconfigure`` on every live replica in place;
-    returns once the application is RUNNING again (every replica swapped)."""
-    deployed = current_user_config(s)
+    returns once the application is RUNNING again (every replica swapped). ``vetted`` tells the replicas the
+    checkpoint already passed the smoke generation on the replica that received UpdateWeights."""
+    app = _app(s)  # one REST read for both the deployed version and the last deploy time
+    deployed = current_user_config(s, app)
     if int(deployed.get("version", 0)) >= version:
         raise FailedPrecondition(f"version {version} is not newer than the deployed version "
                                  f"{deployed.get('version')}; versions are monotonic")
-    deploy(s, {"checkpoint_uri": checkpoint_uri, "version": version}, timeout=s.swap_timeout_seconds)
+    deploy(s, {"checkpoint_uri": checkpoint_uri, "version": version, "vetted": True},
+           timeout=s.swap_timeout_seconds, deployed_before=float(app.get("last_deployed_time_s") or 0.0))
 
 
 def start_local_ray(s: GenerationSettings):

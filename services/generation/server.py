@@ -152,7 +152,9 @@ class GenerationDeployment:
         if not uri or version <= self.slot.current.version:
             return
         try:
-            weights = self.prepared.pop(version, None) or await asyncio.to_thread(self.slot.prepare, uri, version)
+            vetted = bool(user_config.get("vetted"))  # smoke-tested by the replica that took UpdateWeights
+            weights = self.prepared.pop(version, None) or await asyncio.to_thread(self.slot.prepare, uri, version,
+                                                                                  not vetted)
             previous = self.slot.commit(weights)
             log.info("swapped weights %s -> %s (%s)", previous.version, version, uri)
             m.WEIGHT_VERSION.set(version)
