@@ -187,6 +187,12 @@ class RunConfig(BaseModel):
                 raise ConfigError("hyperparameters.use_lora needs the peft package: pip install 'knowserve[train]'")
         if self.deepspeed and not Path(self.deepspeed).is_file():
             raise ConfigError(f"deepspeed config {self.deepspeed} does not exist")
+        if self.deepspeed:
+            import importlib.util
+
+            if importlib.util.find_spec("deepspeed") is None:
+                raise ConfigError("deepspeed is set but the deepspeed package is missing: pip install "
+                                  "'knowserve[gpu]' on GPU nodes (or unset deepspeed for plain torch)")
         return self
 
     @classmethod
