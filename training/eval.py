@@ -21,6 +21,7 @@ from pathlib import Path
 
 from services.common.clients import ClientOptions
 from training.data import QaRow, load_dataset
+from services.common.text import normalize_answer
 from training.metrics import average_precision, extract_answer, grade, rates, sequence_confidence
 
 DEFAULT_SYSTEM_PROMPT = ("Answer the question with a short phrase, without explanation. If you do not know the "
@@ -72,6 +73,22 @@ def claim_text(completion: str) -> str:
     """
     text = _TAGS.sub(" ", _BLOCKS.sub(" ", completion))
     return re.sub(r"\s+", " ", text).strip()
+
+
+def checkable_text(completion: str, answer: str) -> str:
+    """The text whose claims are checked: what the model asserted (:func:`claim_text`), or "" when that is only
+    the bare answer — a one-word answer written after a search states no checkable fact of its own, so it is left
+    out of the claim support rate rather than counted as an unsupported claim.
+
+    >>> searched = ("<think><|begin_of_query|> Ilvar Brenneck birthplace<|end_of_query|><|begin_of_documents|>(1) ..."
+    ...             "<|end_of_documents|></think><answer>Velmora</answer>")
+    >>> checkable_text(searched, "Velmora")
+    ''
+    >>> checkable_text("<think>X was born in Velmora.</think><answer>Velmora</answer>", "Velmora")
+    'X was born in Velmora. Velmora'
+    """
+    asserted = claim_text(completion)
+    return asserted if asserted and normalize_answer(asserted) != normalize_answer(answer) else ""
 
 
 def _render(row: QaRow, fmt: str, system_prompt: str):
@@ -143,18 +160,20 @@ async def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
 
 
 async def _claim_support(cfg: EvalConfig, records: list[dict]) -> float | None:
-    """Share of checkable claims in attempted answers that the knowledge base supports (FActScore precision)."""
+    """Share of checkable claims in attempted answers that the knowledge base supports (FActScore precision);
+    None when no attempted answer asserted anything beyond its bare answer."""
     from services.verification.client import VerificationClient
     from services.verification.core import VerifyItem
 
-    attempted = [r for r in records if r["grade"] != "NOT_ATTEMPTED"]
+    attempted = [r for r in records if r["grade"] != "NOT_ATTEMPTED"
+                 and checkable_text(r["completion"], r["answer"])]
     if not attempted:
         return None
     supported = total = 0
     async with VerificationClient(cfg.verification_target, ClientOptions(timeout_seconds=600, retries=30)) as v:
         for i in range(0, len(attempted), 64):
             chunk = attempted[i: i + 64]
-            reply = await v.verify([VerifyItem(answer=claim_text(r["completion"]) or r["answer"], topic=r["topic"])
+            reply = await v.verify([VerifyItem(answer=checkable_text(r["completion"], r["answer"]), topic=r["topic"])
                                     for r in chunk], judge=cfg.judge)
             for r, res in zip(chunk, reply.results):
                 r["claims_supported"], r["claims_total"] = res.supported, len(res.claims)
