@@ -187,7 +187,8 @@ def cmd_world(args) -> int:
     if args.model:
         from training.demo_model import SftConfig, train_demo_model
 
-        stats = train_demo_model(world, Path(args.model_out), SftConfig(steps=args.sft_steps, seed=args.seed))
+        cfg = SftConfig(seed=args.seed, **({"steps": args.sft_steps} if args.sft_steps else {}))
+        stats = train_demo_model(world, Path(args.model_out), cfg)
         print(f"demo model: {stats['parameters']:,} parameters, {stats['steps']} cold-start steps, "
               f"loss {stats['final_loss']:.3f}, {stats['seconds']:.0f}s -> {args.model_out}")
     return 0
@@ -227,22 +228,11 @@ def cmd_train(args) -> int:
 
 async def _train_via_service(cfg, args, console) -> int:
     from services.training.client import TrainingClient
-    from services.training.server import LOSSES_BACK
 
     from knowserve.training.v1 import training_service_pb2 as pb
 
-    h = cfg.hyperparameters
-    hp = pb.Hyperparameters(**{k: v for k, v in h.model_dump(exclude_none=True).items() if k != "loss_type"})
-    if h.loss_type:
-        hp.loss_type = LOSSES_BACK[h.loss_type]
     async with TrainingClient(args.target or f"127.0.0.1:{DEFAULT_PORTS['training']}") as client:
-        options = pb.RunOptions(max_tool_turns=cfg.max_tool_turns, retrieval_top_k=cfg.retrieval_top_k,
-                                dataset_limit=cfg.dataset_limit, checkpoint_every=cfg.checkpoint_every,
-                                prompt_format="" if cfg.prompt_format == "auto" else cfg.prompt_format)
-        if cfg.tool_protocol != "default":
-            options.tool_protocol = cfg.tool_protocol
-        run = await client.start_run(cfg.recipe, cfg.dataset, model=str(Path(cfg.model).resolve()),
-                                     run_id=cfg.run_id, hyperparameters=hp, options=options, resume=args.resume)
+        run = await client.start_run_config(cfg, model=str(Path(cfg.model).resolve()), resume=args.resume)
         console.print(f"run {run.run_id} started")
         async for p in client.stream_progress(run.run_id):
             console.print(f"step {p.step}/{p.max_steps} reward {p.reward_mean:+.3f} refusal {p.refusal_rate:.0%} "
@@ -372,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--model", action="store_true", help="also build and cold-start the demo model")
     w.add_argument("--model-out", default=".knowserve/models/demo-world")
-    w.add_argument("--sft-steps", type=int, default=500)
+    w.add_argument("--sft-steps", type=int, default=0, help="0 = the cold-start default (SftConfig)")
     p.set_defaults(fn=cmd_world)
 
     p = sub.add_parser("train", help="run GRPO through the services (config YAML: training.config.RunConfig)")

@@ -285,20 +285,11 @@ async def train_through_service(console: Console, target: str, run_id: str, mode
 
     from knowserve.training.v1 import training_service_pb2 as tpb
     from services.training.client import TrainingClient
-    from services.training.server import LOSSES_BACK
     from training.config import RunConfig
 
     cfg = RunConfig.from_yaml(Path(__file__).resolve().parents[1] / "training/configs/demo_world.yaml")
-    h = cfg.hyperparameters
-    hp = tpb.Hyperparameters(**{k: v for k, v in h.model_dump(exclude_none=True).items() if k != "loss_type"},
-                             loss_type=LOSSES_BACK[h.loss_type or "grpo"])
-    options = tpb.RunOptions(max_tool_turns=cfg.max_tool_turns, retrieval_top_k=cfg.retrieval_top_k,
-                             checkpoint_every=cfg.checkpoint_every)
-    if cfg.tool_protocol != "default":
-        options.tool_protocol = cfg.tool_protocol
     async with TrainingClient(target) as client:
-        run = await client.start_run(cfg.recipe, cfg.dataset, model=str(model), run_id=run_id, hyperparameters=hp,
-                                     options=options)
+        run = await client.start_run_config(cfg, model=str(model), run_id=run_id)
         console.print(f"run {run.run_id}: {run.recipe} on {run.dataset}, {run.hyperparameters.max_steps} steps of "
                       f"{run.hyperparameters.batch_size} rollouts (groups of {run.hyperparameters.group_size})")
         bar = tqdm(total=run.hyperparameters.max_steps, desc="GRPO", unit="step")
@@ -360,21 +351,15 @@ def run_demo_full(steps: int = 0, limit: int = 100) -> int:
     console.rule("3. KnowRL GRPO on SmolLM2 through the services")
     if steps:
         cfg.hyperparameters.max_steps = steps
-    h = cfg.hyperparameters
     from knowserve.training.v1 import training_service_pb2 as tpb
-    from services.training.server import LOSSES_BACK
 
     async def train() -> int:
         from tqdm import tqdm
 
         from services.training.client import TrainingClient
 
-        hp = tpb.Hyperparameters(**{k: v for k, v in h.model_dump(exclude_none=True).items() if k != "loss_type"},
-                                 loss_type=LOSSES_BACK[h.loss_type or "grpo"])
         async with TrainingClient(procs["training"].target) as client:
-            run = await client.start_run(cfg.recipe, cfg.dataset, model=str(start), run_id=run_id, hyperparameters=hp,
-                                         options=tpb.RunOptions(dataset_limit=cfg.dataset_limit,
-                                                                checkpoint_every=cfg.checkpoint_every))
+            run = await client.start_run_config(cfg, model=str(start), run_id=run_id)
             bar = tqdm(total=run.hyperparameters.max_steps, desc="GRPO SmolLM2", unit="step")
             async for p in client.stream_progress(run.run_id):
                 bar.update(p.step - bar.n)

@@ -271,11 +271,13 @@ def make_callback(run: RunDir, st: RunState, cfg: RunConfig, publisher: WeightPu
 
         def on_step_end(self, args, state, control_, model=None, processing_class=None, **kw):
             messages = [self.pending_message] if self.pending_message else []
+            publishes = {"ok": int(bool(self.pending_message)), "failed": 0}
             self.pending_message = ""
             publish_seconds = 0.0
             if publisher is not None and state.global_step % h.sync_every == 0:
                 result = publisher.publish(model, processing_class, state.global_step)
                 publish_seconds = result.seconds
+                publishes["ok" if result.ok else "failed"] += 1
                 if result.ok:
                     st.weight_version = result.version
                     messages.append(f"weights v{result.version} published ({result.seconds:.1f}s)")
@@ -293,6 +295,7 @@ def make_callback(run: RunDir, st: RunState, cfg: RunConfig, publisher: WeightPu
                                           if rollout.last.tool_turns else 0.0),
                       "rollout_seconds": rollout.last.seconds,
                       "reward_seconds": batch.get("reward_seconds", 0.0), "publish_seconds": publish_seconds,
+                      "publishes": publishes,
                       "step_seconds": time.perf_counter() - self.step_start, "message": "; ".join(messages)}
             run.append_progress(record)
             run.write_state(st)
@@ -344,10 +347,7 @@ def run_training(run_root: Path, resume: bool = False, on_progress: Callable[[di
         rollout = ServiceRollout(io, cfg.generation_target, app_name=cfg.generation_app_name,
                                  temperature=h.temperature, max_tokens=h.max_completion_tokens,
                                  tool_protocol=cfg.effective_tool_protocol(), max_tool_turns=cfg.max_tool_turns,
-                                 retrieval_top_k=cfg.retrieval_top_k, retry_seconds=cfg.retry_seconds,
-                                 # unseeded: the engine batches only samples with equal sampling parameters, and
-                                 # a per-sample seed would split every group into 1-sample engine calls
-                                 seed=None)
+                                 retrieval_top_k=cfg.retrieval_top_k, retry_seconds=cfg.retry_seconds)
         trainer_ref: dict[str, Any] = {}
         rewards = StagedRewards(cfg.stage_bounds(), cfg.reward_target,
                                 lambda: trainer_ref["t"].state.global_step if "t" in trainer_ref else 0,

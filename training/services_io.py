@@ -90,7 +90,7 @@ class ServiceRollout:
 
     def __init__(self, io: BackgroundLoop, generation_target: str, *, app_name: str, temperature: float,
                  max_tokens: int, tool_protocol: str = "", max_tool_turns: int = 0, retrieval_top_k: int = 0,
-                 retry_seconds: float = 600.0, call_timeout: float = 600.0, seed: int | None = None):
+                 retry_seconds: float = 600.0, call_timeout: float = 600.0):
         from services.generation.client import GenerationClient
 
         self.io = io
@@ -98,16 +98,13 @@ class ServiceRollout:
                                                        app_name))
         self.temperature, self.max_tokens = temperature, max_tokens
         self.tool_protocol, self.max_tool_turns, self.retrieval_top_k = tool_protocol, max_tool_turns, retrieval_top_k
-        self.seed = seed
-        self.calls = 0
         self.last = RolloutStats()
 
-    def generate(self, prompts: Sequence[Any], n: int, temperature: float | None = None):
-        seed = None if self.seed is None else self.seed + self.calls
-        self.calls += 1
+    def generate(self, prompts: Sequence[Any], n: int):
+        # unseeded: the engine batches only samples with equal sampling parameters, and a per-sample seed would
+        # split every group into 1-sample engine calls
         return self.io.run(self.client.generate(
-            list(prompts), temperature=self.temperature if temperature is None else temperature,
-            max_tokens=self.max_tokens, n=n, seed=seed, return_logprobs=True, tool_protocol=self.tool_protocol,
+            list(prompts), temperature=self.temperature, max_tokens=self.max_tokens, n=n, return_logprobs=True, tool_protocol=self.tool_protocol,
             max_tool_turns=self.max_tool_turns, retrieval_top_k=self.retrieval_top_k))
 
     def __call__(self, prompts: list, trainer) -> dict[str, list]:

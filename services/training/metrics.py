@@ -82,9 +82,8 @@ class TrainingCollector:
                 per_recipe_steps[recipe] = per_recipe_steps.get(recipe, 0) + len(records)
                 per_recipe_hist.setdefault(recipe, []).extend(r.get("step_seconds", 0.0) for r in records)
                 for r in records:
-                    msg = r.get("message", "")
-                    ok += msg.count("published")
-                    failed += msg.count("swap failed")
+                    ok += r.get("publishes", {}).get("ok", 0)
+                    failed += r.get("publishes", {}).get("failed", 0)
                 mtime = (d / "progress.jsonl").stat().st_mtime
                 if recipe not in latest or latest[recipe][0] < mtime:
                     latest[recipe] = (mtime, records[-1])
