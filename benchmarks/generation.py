@@ -49,22 +49,65 @@ def free_port() -> int:
 
 
 def sequential_baseline(model_dir: Path, max_tokens: int, requests: int, threads: int) -> tuple[float, float]:
-    """(tokens/s, mean seconds per request) of one-at-a-time HF generate in this process, on ``threads`` threads
+    """(tokens/s, mean seconds per request) of one-at-a-time plain Hugging Face ``model.generate`` (transformers'
+    own sampling: temperature 1, no top-k/top-p, as the load clients ask) in this process, on ``threads`` threads
     (the same CPUs the service gets)."""
+    import torch
+
+    from services.generation.engine import load_hf
+
+    torch.set_num_threads(threads)
+    model, tok = load_hf(model_dir)
+
+    def one(text: str, n: int, sample: bool) -> int:
+        ids = torch.tensor([tok.encode(text, add_special_tokens=False)])
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                 do_sample=sample, temperature=1.0 if sample else None, top_k=0 if sample else None,
+                                 top_p=1.0 if sample else None, pad_token_id=tok.pad_token_id)
+        return out.shape[1] - ids.shape[1]
+
+    one("warm up", 4, False)
+    tokens, start = 0, time.perf_counter()
+    for i in range(requests):
+        torch.manual_seed(i)
+        tokens += one(PROMPTS[i % len(PROMPTS)], max_tokens, True)
+    seconds = time.perf_counter() - start
+    return tokens / seconds, seconds / requests
+
+
+def engine_batches(model_dir: Path, max_tokens: int, threads: int) -> dict[int, tuple[float, float]]:
+    """{batch: (engine tok/s, plain HF generate tok/s)}: one batch of sampled completions in-process, the
+    engine's inverse-CDF sampler vs ``generate``'s ``torch.multinomial``, same weights and threads."""
     import torch
 
     from services.generation.engine import Sampling, TransformersEngine
 
     torch.set_num_threads(threads)
     engine = TransformersEngine.from_path(model_dir, 2048)
-    engine.generate([engine.encode("warm up")], [Sampling(temperature=0, max_tokens=4)])
-    tokens, start = 0, time.perf_counter()
-    for i in range(requests):
-        out = engine.generate([engine.encode(PROMPTS[i % len(PROMPTS)])],
-                              [Sampling(temperature=1.0, max_tokens=max_tokens, seed=i)])[0]
-        tokens += len(out.token_ids)
-    seconds = time.perf_counter() - start
-    return tokens / seconds, seconds / requests
+    out = {}
+    for b in (1, 16):
+        ids = [engine.encode(PROMPTS[i % len(PROMPTS)]) for i in range(b)]
+        rates = []
+        for ours in (True, False):
+            engine.generate(ids[:1], [Sampling(temperature=0, max_tokens=2)])
+            start, tokens = time.perf_counter(), 0
+            for rep in range(2):
+                if ours:
+                    outs = engine.generate(ids, [Sampling(max_tokens=max_tokens, seed=rep, logprobs=False)] * b)
+                    tokens += sum(len(o.token_ids) for o in outs)
+                else:
+                    width = max(map(len, ids))
+                    x = torch.tensor([[engine.tokenizer.pad_token_id] * (width - len(p)) + p for p in ids])
+                    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ids])
+                    with torch.inference_mode():
+                        seqs = engine.model.generate(input_ids=x, attention_mask=mask, max_new_tokens=max_tokens,
+                                                     do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                                     pad_token_id=engine.tokenizer.pad_token_id)
+                    tokens += int((seqs[:, width:] != engine.tokenizer.pad_token_id).sum())
+            rates.append(tokens / (time.perf_counter() - start))
+        out[b] = (rates[0], rates[1])
+    return out
 
 
 def start_service(model_dir: Path, root: Path, replicas: int, cpus: int, threads: int) -> tuple[subprocess.Popen, str]:
@@ -75,7 +118,7 @@ def start_service(model_dir: Path, root: Path, replicas: int, cpus: int, threads
                KNOWSERVE_GENERATION_MODEL_PATH=str(model_dir), KNOWSERVE_GENERATION_CHECKPOINT_ROOT=str(root),
                KNOWSERVE_GENERATION_APP_NAME=APP, KNOWSERVE_GENERATION_REPLICAS=str(replicas),
                KNOWSERVE_GENERATION_REPLICA_NUM_CPUS=str(cpus / replicas), KNOWSERVE_GENERATION_RAY_NUM_CPUS=str(cpus),
-               KNOWSERVE_GENERATION_THREADS_PER_REPLICA=str(threads), RAY_USAGE_STATS_ENABLED="0", KNOWSERVE_GENERATION_LOG_LEVEL="WARNING")
+               KNOWSERVE_GENERATION_THREADS_PER_REPLICA=str(threads), RAY_USAGE_STATS_ENABLED="0", KNOWSERVE_GENERATION_LOG_LEVEL=os.environ.get("KNOWSERVE_GENERATION_LOG_LEVEL", "WARNING"))
     log = open(root / "service.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "services.generation"], cwd=ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
@@ -188,6 +231,9 @@ def main() -> None:
         model_dir = tiny_lm_folder(ROOT / ".cache/models", hidden=128, layers=4) if name == "tiny" else smollm2_folder(
             ROOT / ".cache/models")
         base_tps, base_latency = sequential_baseline(model_dir, args.max_tokens, 8 if name == "tiny" else 4, args.cpus)
+        for b, (ours, hf) in engine_batches(model_dir, args.max_tokens, args.cpus).items():
+            print(f"[{name}] in-process batch {b:2d}, {args.cpus} threads: engine {ours:7.1f} tok/s vs plain HF "
+                  f"generate {hf:7.1f} tok/s (sampler: inverse CDF vs torch.multinomial)")
         root = Path(tempfile.mkdtemp(prefix="knowserve-genbench-"))
         shutil.copytree(model_dir, root / "v1")
         proc, target = start_service(root / "v1", root, args.replicas, args.cpus, args.threads_per_replica)

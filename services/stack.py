@@ -112,12 +112,11 @@ async def _health(procs: dict[str, Proc], started: dict[str, subprocess.Popen] |
         alive = started[p.name].poll() is None if p.name in started else _ours(p)
         if not alive:
             return "EXITED"
-        options = None
-        if p.name == "generation":  # Serve's proxy routes by application name
-            from services.common.clients import ClientOptions
-            from services.generation.config import GenerationSettings
+        from services.common.clients import ClientOptions
 
-            options = ClientOptions(extra_metadata=(("application", GenerationSettings().app_name),))
+        settings_cls = _registry()[p.name]
+        needs_metadata = settings_cls.client_metadata is not ServiceSettings.client_metadata  # e.g. Serve's app
+        options = ClientOptions(extra_metadata=settings_cls().client_metadata() if needs_metadata else ())
         async with ServiceClient(p.name, p.target, lambda ch: None, options) as c:
             return await c.check_health(timeout=1.0)
 

@@ -71,3 +71,7 @@ class ServiceSettings(BaseSettings):
                 raise ValueError(f"auth token file {self.auth_token_file} is empty")
             return token
         return None
+
+    def client_metadata(self) -> tuple[tuple[str, str], ...]:
+        """gRPC metadata every client of this service sends besides auth (Serve's proxy needs the application)."""
+        return ()

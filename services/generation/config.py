@@ -45,8 +45,15 @@ class GenerationSettings(ServiceSettings):
     dashboard_port: int = Field(8265, ge=1, le=65535, description="Ray dashboard (Serve's REST deploy API).")
     app_name: str = Field("knowserve-generation")
     swap_timeout_seconds: float = Field(300.0, gt=0)
+    rollout_fraction: float = Field(
+        1.0, gt=0, le=1, description="Fraction of replicas Serve updates at a time (its rolling_update_percentage). "
+        "1.0 reconfigures every replica together on a weight swap (Serve's default, 0.2, swaps them one by one); "
+        "it also bounds replica restarts when the application's code changes.")
     max_batch: int = Field(16, ge=1, description="Prompts merged into one engine call (dynamic batching).")
     batch_wait_seconds: float = Field(0.005, ge=0, description="How long a batch waits for more requests.")
+    batch_wait_fraction: float = Field(
+        0.05, ge=0, le=1, description="After an engine call that served several requests, a new batch waits at "
+        "least this fraction of that call's duration for the burst of follow-up requests (0 turns it off).")
 
     max_prompts: int = Field(64, ge=1, description="Prompts per Generate call.")
     max_n: int = Field(16, ge=1, description="Samples per prompt.")
@@ -74,6 +81,9 @@ class GenerationSettings(ServiceSettings):
         if self.model_path is not None and not (Path(self.model_path) / "config.json").exists():
             raise ValueError(f"{p}MODEL_PATH={self.model_path} is not a Hugging Face model folder (no config.json)")
         return self
+
+    def client_metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("application", self.app_name),)  # Serve's gRPC proxy routes by application name
 
     def limits(self):
         from services.generation.core import Limits

@@ -263,9 +263,9 @@ class GenerationCore:
             for j, s in enumerate(active):
                 budget = min(p.max_tokens - s.generated, engine.max_model_len - len(s.context))
                 seed = None if p.seed is None else p.seed + 1000 * turn + j
-                samplings.append(Sampling(p.temperature, p.top_p, p.top_k, max(1, budget), stop, seed))
-            outs: list[EngineOutput] = await asyncio.to_thread(engine.generate, [s.context for s in active],
-                                                               samplings)
+                samplings.append(Sampling(p.temperature, p.top_p, p.top_k, max(1, budget), stop, seed,
+                                          logprobs=p.return_logprobs))
+            outs: list[EngineOutput] = await _generate(engine, [s.context for s in active], samplings)
             asking = []
             for s, o in zip(active, outs):
                 s.add(o.token_ids, o.logprobs, model=True)
@@ -304,7 +304,7 @@ class GenerationCore:
         if len(ids) >= engine.max_model_len:
             raise InvalidArgument("prompt", f"{len(ids)} tokens, the model's context is {engine.max_model_len}")
         sampling = Sampling(p.temperature, p.top_p, p.top_k, min(p.max_tokens, engine.max_model_len - len(ids)),
-                            p.stop, p.seed)
+                            p.stop, p.seed, logprobs=p.return_logprobs)
         sent: list[int] = []
         emitted, shown = 0, ""
         async for item in _iterate_in_thread(stream_tokens(engine, ids, sampling)):
@@ -320,6 +320,15 @@ class GenerationCore:
             delta, shown = text[len(shown):], text
             yield StreamDelta(delta, sent[emitted:], [], "", weights.version, len(ids), len(sent))
             emitted = len(sent)
+
+
+async def _generate(engine: Engine, prompts: list[list[int]], samplings: list[Sampling]) -> list[EngineOutput]:
+    """One engine call from the event loop: queued without a thread when the engine batches (``submit``),
+    else in a worker thread."""
+    submit = getattr(engine, "submit", None)
+    if submit is not None:
+        return await asyncio.wrap_future(submit(prompts, samplings))
+    return await asyncio.to_thread(engine.generate, prompts, samplings)
 
 
 @dataclass

@@ -9,6 +9,7 @@ application is RUNNING, and on SIGTERM shuts Serve and its own Ray down (never `
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from services.generation.config import GenerationSettings
 from services.generation.server import APP_IMPORT_PATH, SERVICER_FUNCTIONS
 
 DEPLOYMENT = "GenerationDeployment"
+log = logging.getLogger(__name__)
 
 
 def dashboard_url(s: GenerationSettings) -> str:
@@ -91,8 +93,11 @@ def wait_running(s: GenerationSettings, timeout: float, deployed_after: float = 
 def deploy(s: GenerationSettings, user_config: dict | None = None, timeout: float = 600.0,
            deployed_before: float | None = None) -> None:
     before = float(_app(s).get("last_deployed_time_s") or 0.0) if deployed_before is None else deployed_before
+    t0 = time.perf_counter()
     _client(s).deploy_applications(serve_config(s, user_config))
+    t1 = time.perf_counter()
     wait_running(s, timeout, deployed_after=before)
+    log.info("deploy: REST PUT %.3f s, until RUNNING %.3f s", t1 - t0, time.perf_counter() - t1)
 
 
 def current_user_config(s: GenerationSettings, app: dict | None = None) -> dict:
@@ -103,17 +108,24 @@ def current_user_config(s: GenerationSettings, app: dict | None = None) -> dict:
     return {}
 
 
-def redeploy_weights(s: GenerationSettings, checkpoint_uri: str, version: int) -> None:
-    """Redeploy with only ``user_config`` changed: Serve runs ``reconfigure`` on every live replica in place;
-    returns once the application is RUNNING again (every replica swapped). ``vetted`` tells the replicas the
-    checkpoint already passed the smoke generation on the replica that received UpdateWeights."""
-    app = _app(s)  # one REST read for both the deployed version and the last deploy time
-    deployed = current_user_config(s, app)
-    if int(deployed.get("version", 0)) >= version:
-        raise FailedPrecondition(f"version {version} is not newer than the deployed version "
-                                 f"{deployed.get('version')}; versions are monotonic")
+def deployed_state(s: GenerationSettings) -> tuple[int, float]:
+    """(deployed weight version, Serve's last deploy time) from one REST read."""
+    app = _app(s)
+    return int(current_user_config(s, app).get("version", 0)), float(app.get("last_deployed_time_s") or 0.0)
+
+
+def redeploy_weights(s: GenerationSettings, checkpoint_uri: str, version: int,
+                     deployed: tuple[int, float] | None = None) -> None:
+    """Redeploy with only ``user_config`` changed: Serve runs ``reconfigure`` on every live replica in place
+    (all at once with ``rollout_fraction`` 1.0); returns once the application is RUNNING again (every replica
+    swapped). ``deployed`` is :func:`deployed_state` read beforehand (UpdateWeights reads it while it vets the
+    checkpoint); ``vetted`` tells the replicas the checkpoint already passed the smoke generation."""
+    deployed_version, deployed_at = deployed if deployed is not None else deployed_state(s)
+    if deployed_version >= version:
+        raise FailedPrecondition(f"version {version} is not newer than the deployed version {deployed_version}; "
+                                 "versions are monotonic")
     deploy(s, {"checkpoint_uri": checkpoint_uri, "version": version, "vetted": True},
-           timeout=s.swap_timeout_seconds, deployed_before=float(app.get("last_deployed_time_s") or 0.0))
+           timeout=s.swap_timeout_seconds, deployed_before=deployed_at)
 
 
 def start_local_ray(s: GenerationSettings):

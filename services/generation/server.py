@@ -7,8 +7,9 @@ codes through ``grpc_context`` (Serve's proxy replaces the shared interceptor he
 **Hot swap.** Weights live in the deployment's ``user_config`` (``{"checkpoint_uri", "version"}``).
 ``UpdateWeights`` first loads and smoke-tests the checkpoint on the replica that received it (a bad checkpoint
 is refused with FAILED_PRECONDITION and nothing changes), then redeploys the application config with the new
-``user_config`` through Serve's REST API — an in-place ``reconfigure()`` on every live replica, not a rolling
-restart — and acknowledges once Serve reports the application RUNNING again, i.e. every replica has swapped.
+``user_config`` through Serve's REST API — an in-place ``reconfigure()`` on every live replica at once
+(``rolling_update_percentage`` = ``rollout_fraction``), not a rolling restart — and acknowledges once Serve
+reports the application RUNNING again, i.e. every replica has swapped.
 Each replica loads the new weights beside the old ones and swaps in one assignment; requests already running
 finish on the weights they started with, and every completion carries the version that produced it.
 """
@@ -107,6 +108,18 @@ def completion_to_proto(c) -> pb.Completion:
         weight_version=c.weight_version, tool_turns=c.tool_turns, prompt_token_ids=c.prompt_token_ids)
 
 
+def _log_to_replica_log(level: str) -> None:
+    """Send this package's log records to the replica's Serve log (``ray.serve``'s handlers), where Serve puts
+    a replica's own lines; otherwise they would go nowhere inside a replica."""
+    serve_logger = logging.getLogger("ray.serve")
+    ours = logging.getLogger("services")
+    for handler in serve_logger.handlers:
+        if handler not in ours.handlers:
+            ours.addHandler(handler)
+    ours.setLevel(level.upper())
+    ours.propagate = False
+
+
 class GenerationDeployment:
     """One Serve replica: a :class:`GenerationCore` over a transformers engine."""
 
@@ -122,6 +135,7 @@ class GenerationDeployment:
         from services.retrieval.client import RetrievalClient
 
         self.settings = s = GenerationSettings(**settings)
+        _log_to_replica_log(s.log_level)
         torch.set_num_threads(s.threads_per_replica)
         path = str(s.model_path or smollm2_folder())
 
@@ -130,8 +144,10 @@ class GenerationDeployment:
                 from services.generation.vllm_engine import VllmEngine
 
                 return VllmEngine(p, s.max_model_len, dtype="float32" if s.device == "cpu" else "bfloat16")
-            return BatchingEngine(TransformersEngine.from_path(p, s.max_model_len, s.device), s.max_batch,
-                                  s.batch_wait_seconds, observe=m.BATCH.observe)
+            serving = getattr(self, "slot", None)
+            like = serving.current.engine if serving is not None else None  # reuse its tokenizer if unchanged
+            return BatchingEngine(TransformersEngine.from_path(p, s.max_model_len, s.device, like=like), s.max_batch,
+                                  s.batch_wait_seconds, observe=m.BATCH.observe, wait_fraction=s.batch_wait_fraction)
 
         self.slot = WeightSlot(Weights(load(path), s.initial_version, path), load, s.checkpoint_root)
         m.WEIGHT_VERSION.set(s.initial_version)
@@ -147,6 +163,7 @@ class GenerationDeployment:
     async def reconfigure(self, user_config: dict) -> None:
         from services.generation import metrics as m
 
+        start = time.perf_counter()
         version = int(user_config.get("version", 0))
         uri = str(user_config.get("checkpoint_uri", ""))
         if not uri or version <= self.slot.current.version:
@@ -156,7 +173,8 @@ class GenerationDeployment:
             weights = self.prepared.pop(version, None) or await asyncio.to_thread(self.slot.prepare, uri, version,
                                                                                   not vetted)
             previous = self.slot.commit(weights)
-            log.info("swapped weights %s -> %s (%s)", previous.version, version, uri)
+            log.info("swapped weights %s -> %s (%s) in %.3f s", previous.version, version, uri,
+                     time.perf_counter() - start)
             m.WEIGHT_VERSION.set(version)
             m.SWAPS.labels("ok").inc()
         except KnowserveError as e:  # keep serving the old weights; UpdateWeights already vetted this checkpoint
@@ -226,12 +244,27 @@ class GenerationDeployment:
                 raise FailedPrecondition("WEIGHT_TRANSPORT_COLLECTIVE pushes tensors to vLLM GPU workers "
                                          "(collective_rpc); this replica runs the transformers engine: use DISK")
             previous = self.slot.current.version
-            # vet the checkpoint here first: a bad one never reaches the other replicas
-            weights = await asyncio.to_thread(self.slot.prepare, request.checkpoint_uri, request.version)
-            self.prepared[request.version] = weights
-            from services.generation.deploy import redeploy_weights
+            from services.generation.deploy import deployed_state, redeploy_weights
 
-            await asyncio.to_thread(redeploy_weights, self.settings, weights.checkpoint_uri, request.version)
+            # read what Serve has deployed while this replica vets the checkpoint: a bad one never reaches the
+            # other replicas
+            reading = asyncio.ensure_future(asyncio.to_thread(deployed_state, self.settings))
+            try:
+                weights = await asyncio.to_thread(self.slot.prepare, request.checkpoint_uri, request.version)
+            except BaseException:
+                await asyncio.gather(reading, return_exceptions=True)  # the vetting error is the answer
+                raise
+            deployed = await reading
+            self.prepared[request.version] = weights  # reconfigure() on this replica takes it from here
+            vetted = time.perf_counter()
+            try:
+                await asyncio.to_thread(redeploy_weights, self.settings, weights.checkpoint_uri, request.version,
+                                        deployed)
+            except BaseException:
+                self.prepared.pop(request.version, None)
+                raise
+            log.info("UpdateWeights %s -> %s: vetted in %.3f s, every replica swapped %.3f s later", previous,
+                     request.version, vetted - start, time.perf_counter() - vetted)
         except Exception as e:  # noqa: BLE001
             m.SWAPS.labels("failed").inc()
             return _fail(grpc_context, e, pb.UpdateWeightsResponse())
@@ -256,5 +289,5 @@ def app_builder(args: dict[str, Any]):
     deployment = serve.deployment(
         GenerationDeployment, name="GenerationDeployment", num_replicas=s.replicas,
         ray_actor_options={"num_cpus": s.replica_num_cpus, "num_gpus": s.replica_num_gpus},
-        max_ongoing_requests=64)
+        max_ongoing_requests=64, rolling_update_percentage=s.rollout_fraction)
     return deployment.bind(args)

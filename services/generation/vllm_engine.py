@@ -52,7 +52,7 @@ class VllmEngine:
         params = [SamplingParams(
             temperature=max(s.temperature, 0.0), top_p=s.top_p, top_k=s.top_k if s.top_k > 0 else -1,
             max_tokens=s.max_tokens, stop=list(s.stop) or None, include_stop_str_in_output=True, seed=s.seed,
-            logprobs=0, skip_special_tokens=False) for s in sampling]
+            logprobs=0 if s.logprobs else None, skip_special_tokens=False) for s in sampling]
         with self._lock:
             results = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
                                         use_tqdm=False)
@@ -60,7 +60,8 @@ class VllmEngine:
         for r in results:
             o = r.outputs[0]
             ids = list(o.token_ids)
-            logprobs = [lp[t].logprob if lp and t in lp else math.nan for t, lp in zip(ids, o.logprobs or [])]
+            logprobs = ([lp[t].logprob if lp and t in lp else math.nan for t, lp in zip(ids, o.logprobs)]
+                        if o.logprobs else [math.nan] * len(ids))
             stop_string = o.stop_reason if isinstance(o.stop_reason, str) else None
             finish = STOP if o.finish_reason == "stop" else LENGTH
             outputs.append(EngineOutput(ids, logprobs, finish, stop_string, self.decode(ids)))

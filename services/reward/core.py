@@ -135,11 +135,10 @@ class RewardCore:
             self._facts(recipe, items), self._llm_grades(recipe, items),
             asyncio.to_thread(lambda: [self._local(recipe, it) for it in items]))
         if llm_grades is not None:
-            for (values, _), graded in zip(local, llm_grades):
+            for values, graded in zip(local, llm_grades):
                 self._apply_llm_grade(values, graded)
-        scores = [self._combine(recipe, values, grade, facts[i] if facts else None)
-                  for i, (values, grade) in enumerate(local)]
-        self._observe(recipe, scores, [g for _, g in local])
+        scores = [self._combine(recipe, values, facts[i] if facts else None) for i, values in enumerate(local)]
+        self._observe(recipe, scores, [self._answer_grade(values, it) for values, it in zip(local, items)])
         return recipe, scores
 
     async def _llm_grades(self, recipe: Recipe, items: Sequence[ScoreItem]) -> list | None:
@@ -170,11 +169,21 @@ class RewardCore:
             v.value, v.detail = C.correctness_with_refusal(grade), grade
 
     @staticmethod
-    def _local(recipe: Recipe, it: ScoreItem) -> tuple[dict[str, ComponentValue], str | None]:
-        """Values of every local component of one item, and its answer grade (None if no gold answers)."""
+    def _answer_grade(values: dict[str, ComponentValue], it: ScoreItem) -> str | None:
+        """The grade the recipe gave the answer (its correctness component's, after an LLM grader), for the
+        answers metric; an exact-match grade when no component grades; None without gold answers or when the
+        LLM grader's reply was unusable."""
+        for name in ("correctness_with_refusal", "refusal_aware"):
+            v = values.get(name)
+            if v is not None:
+                return v.detail if v.applicable and v.detail in C.GRADES else None
+        return C.grade_answer(it.completion, list(it.gold_answers)) if it.gold_answers else None
+
+    @staticmethod
+    def _local(recipe: Recipe, it: ScoreItem) -> dict[str, ComponentValue]:
+        """Values of every local component of one item."""
         out: dict[str, ComponentValue] = {}
         golds = list(it.gold_answers)
-        grade = C.grade_answer(it.completion, golds) if golds else None
         answer = C.last_answer(it.completion)
         for comp in recipe.components:
             p, n, w = comp.params, comp.name, comp.weight
@@ -203,11 +212,10 @@ class RewardCore:
             elif n == "refusal_aware":
                 g = C.grade_answer(it.completion, golds, p["match"])
                 out[n] = ComponentValue(n, C.refusal_aware(g, p["correct"], p["abstain"], p["wrong"]), w, detail=g)
-        return out, grade
+        return out
 
     @staticmethod
-    def _combine(recipe: Recipe, values: dict[str, ComponentValue], grade: str | None,
-                 fact: FactResult | None) -> ItemScore:
+    def _combine(recipe: Recipe, values: dict[str, ComponentValue], fact: FactResult | None) -> ItemScore:
         if fact is not None:
             comp = recipe.component("factuality")
             values["factuality"] = ComponentValue("factuality", fact.score if fact.score is not None else 0.0,

@@ -62,6 +62,7 @@ class KnowserveRewards:
         self._thread = threading.Thread(target=self._loop.run_forever, name="knowserve-rewards", daemon=True)
         self._thread.start()
         self._backend = None
+        self._spec_proto = None  # the inline recipe as a proto (service mode), built once by _resolve
         self._cache: tuple[tuple, list[ItemScore]] | None = None
         self._lock = threading.Lock()
         self.components = [c.name for c in self._run(self._resolve()).components]
@@ -91,10 +92,13 @@ class KnowserveRewards:
     async def _resolve(self):
         backend = await self._open()
         if self.target:
-            if self.recipe_spec is not None:
+            if self.recipe_spec is not None:  # an inline recipe: validated here, sent as this proto every batch
                 from services.reward.recipes import build_recipe
+                from services.reward.server import recipe_to_proto
 
-                return build_recipe(self.recipe_spec)
+                recipe = build_recipe(self.recipe_spec)
+                self._spec_proto = recipe_to_proto(recipe)
+                return recipe
             listed = {r.name: r for r in (await backend.list_recipes()).recipes}
             if self.recipe_name not in listed:
                 raise ValueError(f"the reward service has no recipe {self.recipe_name!r}; it has {sorted(listed)}")
@@ -108,13 +112,8 @@ class KnowserveRewards:
             return scores
         from services.reward.core import ComponentValue
 
-        spec = None
-        if self.recipe_spec is not None:
-            from services.reward.recipes import build_recipe
-            from services.reward.server import recipe_to_proto
-
-            spec = recipe_to_proto(build_recipe(self.recipe_spec))
-        reply = await backend.score("" if spec else self.recipe_name, items, recipe_spec=spec)
+        spec = self._spec_proto
+        reply = await backend.score("" if spec is not None else self.recipe_name, items, recipe_spec=spec)
         return [ItemScore(s.total, [ComponentValue(c.name, c.value, c.weight, c.applicable, c.detail)
                                     for c in s.components]) for s in reply.scores]
 

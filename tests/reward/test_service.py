@@ -133,3 +133,18 @@ async def test_list_recipes_grpcurl_and_metrics(reward_stack):
     assert 'knowserve_reward_total_value_count{recipe="knowrl"}' in text
     check = subprocess.run([tool("promtool"), "check", "metrics"], input=text, capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+async def test_the_answers_metric_counts_the_grade_the_recipe_gave(start_reward):
+    """An answer that only covers the gold is INCORRECT by exact match but CORRECT for a recipe that grades by
+    cover match: the hallucination metric must count what the recipe rewarded."""
+    r = await start_reward(verification_target=f"127.0.0.1:{free_port()}")
+    spec = pb.Recipe(name="cover_graded", version="1", components=[
+        pb.RecipeComponent(name="correctness_with_refusal", weight=1, params={"match": "cover"})])
+    reply = await r.client.score("", [ScoreItem("Capital of France?", "<answer>the city of Paris</answer>", ["Paris"]),
+                                      ScoreItem("Capital of France?", "<answer>Lyon</answer>", ["Paris"])],
+                                 recipe_spec=spec)
+    assert [s.components[0].detail for s in reply.scores] == ["CORRECT", "INCORRECT"]
+    text = urllib.request.urlopen(f"http://127.0.0.1:{r.server.metrics_port}/metrics").read().decode()
+    assert 'knowserve_reward_answers_total{grade="correct",recipe="cover_graded"} 1.0' in text
+    assert 'knowserve_reward_answers_total{grade="incorrect",recipe="cover_graded"} 1.0' in text
