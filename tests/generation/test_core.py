@@ -129,3 +129,19 @@ def _tiny_gpt2(tokenizer_dir, out):
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2)).save_pretrained(out)
     tok.save_pretrained(out)
+
+
+async def test_concurrent_requests_reach_the_batcher_together(tiny_model):
+    """16 concurrent requests must form one 16-prompt engine call: awaiting the batcher through a worker thread
+    per request would cap the batch at the default executor's size (6 threads on a 2-core machine)."""
+    from services.generation.engine import BatchingEngine
+
+    sizes: list[int] = []
+    engine = BatchingEngine(TransformersEngine.from_path(tiny_model, max_model_len=512), max_batch=16,
+                            wait_seconds=0.05, observe=sizes.append)
+    slot = WeightSlot(Weights(engine, 1, str(tiny_model)), lambda p: engine, tiny_model.parent)
+    core = GenerationCore(slot, Limits(max_tokens_limit=64, default_max_tokens=16), None)
+    outs = await asyncio.gather(*(core.generate([Prompt(text=f"Request {i}")], GenerateParams(max_tokens=4))
+                                  for i in range(16)))
+    assert all(len(o) == 1 and o[0].token_ids for o in outs)
+    assert sizes == [16], sizes
