@@ -189,8 +189,6 @@ DEMO_WORLD_ENTITIES = 40  # per pool: taught, kb_only, copy
 
 def demo_world_loop(console: Console, procs: dict) -> None:
     """Steps 9-12: the demo world, its model, evaluation, GRPO through the services with hot-swaps, evaluation."""
-    import shutil
-
     from rich.table import Table
 
     from training.demo_model import SftConfig, train_demo_model
@@ -221,20 +219,8 @@ def demo_world_loop(console: Console, procs: dict) -> None:
         stats = train_demo_model(world, model_dir, SftConfig())
         console.print(f"demo model: {stats['parameters']:,} parameters, loss {stats['final_loss']:.3f} after "
                       f"{stats['steps']} steps ({stats['seconds']:.0f}s)")
-    checkpoint_root = run_dir / "checkpoints"
     run_id = f"demo-world-{time.strftime('%Y%m%d-%H%M%S')}"
-    start = checkpoint_root / run_id / "start"
-    shutil.copytree(model_dir, start, dirs_exist_ok=True)
-
-    async def publish() -> int:
-        from services.generation.client import GenerationClient
-
-        async with GenerationClient(procs["generation"].target) as g:
-            info = await g.model_info()
-            reply = await g.update_weights(str(start), info.weight_version + 1)
-            return reply.version, reply.swap_seconds
-
-    version, seconds = asyncio.run(publish())
+    start, version, seconds = publish_start(procs, model_dir, run_id)
     console.print(f"hot-swapped the demo model into generation as weight version {version} ({seconds:.2f}s, "
                   "no restart)")
 
@@ -279,15 +265,36 @@ def demo_world_loop(console: Console, procs: dict) -> None:
                   f"(knowserve_training_*, knowserve_eval_*)")
 
 
-async def train_through_service(console: Console, target: str, run_id: str, model: Path) -> int:
-    """StartRun on the training service with training/configs/demo_world.yaml, then follow its progress."""
+def publish_start(procs: dict, model_dir: Path, run_id: str) -> tuple[Path, int, float]:
+    """Copy ``model_dir`` into the checkpoint root as the run's starting policy and hot-swap it into generation
+    as the next weight version: (its folder, version, swap seconds)."""
+    import shutil
+
+    from services.generation.client import GenerationClient
+
+    start = stack.run_dir() / "checkpoints" / run_id / "start"
+    shutil.copytree(model_dir, start, dirs_exist_ok=True)
+
+    async def publish():
+        async with GenerationClient(procs["generation"].target) as g:
+            info = await g.model_info()
+            return await g.update_weights(str(start), info.weight_version + 1)
+
+    reply = asyncio.run(publish())
+    return start, reply.version, reply.swap_seconds
+
+
+async def train_through_service(console: Console, target: str, run_id: str, model: Path, cfg=None,
+                                log_every: int = 10) -> int:
+    """StartRun on the training service with ``cfg`` (a RunConfig; default training/configs/demo_world.yaml), then
+    follow its progress with a bar, a line every ``log_every`` steps; returns the weight version it left serving."""
     from tqdm import tqdm
 
     from knowserve.training.v1 import training_service_pb2 as tpb
     from services.training.client import TrainingClient
     from training.config import RunConfig
 
-    cfg = RunConfig.from_yaml(Path(__file__).resolve().parents[1] / "training/configs/demo_world.yaml")
+    cfg = cfg or RunConfig.from_yaml(Path(__file__).resolve().parents[1] / "training/configs/demo_world.yaml")
     async with TrainingClient(target) as client:
         run = await client.start_run_config(cfg, model=str(model), run_id=run_id)
         console.print(f"run {run.run_id}: {run.recipe} on {run.dataset}, {run.hyperparameters.max_steps} steps of "
@@ -296,9 +303,10 @@ async def train_through_service(console: Console, target: str, run_id: str, mode
         async for p in client.stream_progress(run.run_id):
             bar.update(p.step - bar.n)
             bar.set_postfix(reward=f"{p.reward_mean:+.2f}", v=p.weight_version)
-            if p.step == 1 or p.step % 10 == 0:
+            if p.step == 1 or p.step % log_every == 0:
                 comps = ", ".join(f"{k} {v:+.2f}" for k, v in sorted(p.reward_components.items()))
-                bar.write(f"  step {p.step}: reward {p.reward_mean:+.2f} ({comps}); {p.message}")
+                bar.write(f"  step {p.step}: reward {p.reward_mean:+.2f} ({comps}), refusal {p.refusal_rate:.0%}, "
+                          f"{p.step_seconds:.0f}s; {p.message}")
         bar.close()
         run = await client.get_run(run.run_id)
         if run.state != tpb.RUN_STATE_SUCCEEDED:
@@ -311,8 +319,6 @@ def run_demo_full(steps: int = 0, limit: int = 100) -> int:
     """``make demo-full``: KnowRL GRPO on SmolLM2-135M-Instruct itself (training/configs/smollm2_knowrl.yaml) over
     HaluEval-QA, closed-book with refusal allowed, evaluated on held-out HaluEval questions before and after.
     Slow on 2 CPU cores (tens of seconds per step); minutes on a GPU."""
-    import shutil
-
     from services.common.models import smollm2_folder
     from training.config import RunConfig
     from training.eval import EvalConfig, evaluate
@@ -320,20 +326,10 @@ def run_demo_full(steps: int = 0, limit: int = 100) -> int:
     console = Console()
     console.rule("1. the stack")
     procs = stack.up()
-    run_dir = stack.run_dir()
     cfg = RunConfig.from_yaml(Path(__file__).resolve().parents[1] / "training/configs/smollm2_knowrl.yaml")
     run_id = f"smollm2-knowrl-{time.strftime('%Y%m%d-%H%M%S')}"
-    start = run_dir / "checkpoints" / run_id / "start"
-    shutil.copytree(smollm2_folder(), start, dirs_exist_ok=True)
-
-    async def publish():
-        from services.generation.client import GenerationClient
-
-        async with GenerationClient(procs["generation"].target) as g:
-            info = await g.model_info()
-            return (await g.update_weights(str(start), info.weight_version + 1)).version
-
-    console.print(f"SmolLM2-135M-Instruct hot-swapped into generation as v{asyncio.run(publish())}")
+    start, version, _ = publish_start(procs, smollm2_folder(), run_id)
+    console.print(f"SmolLM2-135M-Instruct hot-swapped into generation as v{version}")
 
     def evaluate_halueval(label: str) -> dict:
         # HaluEval rows the run does not train on: a different seeded sample than the run's dataset_limit sample
@@ -351,28 +347,8 @@ def run_demo_full(steps: int = 0, limit: int = 100) -> int:
     console.rule("3. KnowRL GRPO on SmolLM2 through the services")
     if steps:
         cfg.hyperparameters.max_steps = steps
-    from knowserve.training.v1 import training_service_pb2 as tpb
-
-    async def train() -> int:
-        from tqdm import tqdm
-
-        from services.training.client import TrainingClient
-
-        async with TrainingClient(procs["training"].target) as client:
-            run = await client.start_run_config(cfg, model=str(start), run_id=run_id)
-            bar = tqdm(total=run.hyperparameters.max_steps, desc="GRPO SmolLM2", unit="step")
-            async for p in client.stream_progress(run.run_id):
-                bar.update(p.step - bar.n)
-                comps = ", ".join(f"{k} {v:+.2f}" for k, v in sorted(p.reward_components.items()))
-                bar.write(f"  step {p.step}: reward {p.reward_mean:+.2f} ({comps}), refusal {p.refusal_rate:.0%}, "
-                          f"{p.step_seconds:.0f}s; {p.message}")
-            bar.close()
-            run = await client.get_run(run.run_id)
-            if run.state != tpb.RUN_STATE_SUCCEEDED:
-                raise SystemExit(f"run {run.run_id} ended {tpb.RunState.Name(run.state)}: {run.error}")
-            return run.weight_version
-
-    console.print(f"generation serves v{asyncio.run(train())}")
+    version = asyncio.run(train_through_service(console, procs["training"].target, run_id, start, cfg, log_every=1))
+    console.print(f"generation serves v{version}")
     console.rule("4. evaluate again")
     after = evaluate_halueval("after")
     console.print(f"HaluEval-QA closed-book, {limit} held-out questions: hallucinated {before['incorrect']:.0%} -> "

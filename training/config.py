@@ -15,6 +15,7 @@ training.config.ConfigError: hyperparameters.batch_size 8 is not divisible by gr
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from functools import cache
 from pathlib import Path
@@ -181,15 +182,11 @@ class RunConfig(BaseModel):
         if self.dataset.endswith(".jsonl") and not Path(self.dataset).is_file():
             raise ConfigError(f"dataset file {self.dataset} does not exist")
         if h.use_lora:
-            import importlib.util
-
             if importlib.util.find_spec("peft") is None:
                 raise ConfigError("hyperparameters.use_lora needs the peft package: pip install 'knowserve[train]'")
         if self.deepspeed and not Path(self.deepspeed).is_file():
             raise ConfigError(f"deepspeed config {self.deepspeed} does not exist")
         if self.deepspeed:
-            import importlib.util
-
             if importlib.util.find_spec("deepspeed") is None:
                 raise ConfigError("deepspeed is set but the deepspeed package is missing: pip install "
                                   "'knowserve[gpu]' on GPU nodes (or unset deepspeed for plain torch)")

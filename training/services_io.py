@@ -104,8 +104,8 @@ class ServiceRollout:
         # unseeded: the engine batches only samples with equal sampling parameters, and a per-sample seed would
         # split every group into 1-sample engine calls
         return self.io.run(self.client.generate(
-            list(prompts), temperature=self.temperature, max_tokens=self.max_tokens, n=n, return_logprobs=True, tool_protocol=self.tool_protocol,
-            max_tool_turns=self.max_tool_turns, retrieval_top_k=self.retrieval_top_k))
+            list(prompts), temperature=self.temperature, max_tokens=self.max_tokens, n=n, return_logprobs=True,
+            tool_protocol=self.tool_protocol, max_tool_turns=self.max_tool_turns, retrieval_top_k=self.retrieval_top_k))
 
     def __call__(self, prompts: list, trainer) -> dict[str, list]:
         start = time.perf_counter()

@@ -123,7 +123,9 @@ SearchFn = Callable[[list[str], int], Awaitable[list[list]]]
 class WeightSlot:
     """The serving weights and how they are replaced (load beside, smoke-test, swap in one assignment)."""
 
-    def __init__(self, weights: Weights, load: Callable[[str], Engine], checkpoint_root: Path | None):
+    def __init__(self, weights: Weights, load: Callable[[str, Engine | None], Engine], checkpoint_root: Path | None):
+        """``load(path, serving_engine)`` loads a checkpoint; it may reuse parts of the serving engine (its
+        tokenizer when unchanged)."""
         self.current = weights
         self._load = load
         self.checkpoint_root = checkpoint_root.resolve() if checkpoint_root else None
@@ -148,7 +150,7 @@ class WeightSlot:
                                      f"{self.current.version}; versions are monotonic")
         path = self.check_uri(uri)
         try:
-            engine = self._load(str(path))
+            engine = self._load(str(path), self.current.engine)
         except Exception as e:  # noqa: BLE001 - any load failure is reported with its cause
             raise FailedPrecondition(f"checkpoint {path} failed to load: {type(e).__name__}: {e}") from None
         serving = getattr(self.current.engine, "architecture", None)

@@ -249,8 +249,9 @@ class TransformersEngine:
         new = result.sequences[:, width:]  # [batch, steps]
         logps = None
         if s.logprobs and result.logits:  # per step: chosen raw logit - logsumexp of the raw logits
-            logps = torch.stack([step.float().gather(1, new[:, t:t + 1]).squeeze(1) - torch.logsumexp(step.float(), -1)
-                                 for t, step in enumerate(result.logits)], dim=1).cpu()  # [batch, steps]
+            steps = [step.float() for step in result.logits]  # each [batch, vocab]
+            logps = torch.stack([x.gather(1, new[:, t:t + 1]).squeeze(1) - torch.logsumexp(x, -1)
+                                 for t, x in enumerate(steps)], dim=1).cpu()  # [batch, steps]
         new = new.cpu()
         outputs = []
         for r in range(len(prompts)):

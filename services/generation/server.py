@@ -139,13 +139,11 @@ class GenerationDeployment:
         torch.set_num_threads(s.threads_per_replica)
         path = str(s.model_path or smollm2_folder())
 
-        def load(p: str):
+        def load(p: str, like=None):  # like: the serving engine, whose tokenizer is reused when unchanged
             if s.engine == "vllm":  # continuous batching inside vLLM; a swap loads a second engine beside
                 from services.generation.vllm_engine import VllmEngine
 
                 return VllmEngine(p, s.max_model_len, dtype="float32" if s.device == "cpu" else "bfloat16")
-            serving = getattr(self, "slot", None)
-            like = serving.current.engine if serving is not None else None  # reuse its tokenizer if unchanged
             return BatchingEngine(TransformersEngine.from_path(p, s.max_model_len, s.device, like=like), s.max_batch,
                                   s.batch_wait_seconds, observe=m.BATCH.observe, wait_fraction=s.batch_wait_fraction)
 

@@ -26,18 +26,11 @@ class TrainingClient(ServiceClient[pb_grpc.TrainingServiceStub]):
     async def start_run_config(self, cfg, *, model: str = "", run_id: str = "", resume: bool = False) -> pb.Run:
         """StartRun from a :class:`training.config.RunConfig` (a ``knowserve train`` YAML): its hyperparameters and
         run options; the service fills in its own targets and folders."""
-        h = cfg.hyperparameters
-        hp = pb.Hyperparameters(**{k: v for k, v in h.model_dump(exclude_none=True).items() if k != "loss_type"})
-        if h.loss_type:
-            hp.loss_type = {"grpo": pb.LOSS_TYPE_GRPO, "dapo": pb.LOSS_TYPE_DAPO,
-                            "dr_grpo": pb.LOSS_TYPE_DR_GRPO}[h.loss_type]
-        options = pb.RunOptions(max_tool_turns=cfg.max_tool_turns, retrieval_top_k=cfg.retrieval_top_k,
-                                dataset_limit=cfg.dataset_limit, checkpoint_every=cfg.checkpoint_every,
-                                prompt_format="" if cfg.prompt_format == "auto" else cfg.prompt_format)
-        if cfg.tool_protocol != "default":
-            options.tool_protocol = cfg.tool_protocol
+        from services.training.convert import hyper_to_proto, options_to_proto
+
         return await self.start_run(cfg.recipe, cfg.dataset, model=model or cfg.model, run_id=run_id or cfg.run_id,
-                                    hyperparameters=hp, options=options, resume=resume)
+                                    hyperparameters=hyper_to_proto(cfg.hyperparameters),
+                                    options=options_to_proto(cfg), resume=resume)
 
     async def get_run(self, run_id: str) -> pb.Run:
         return (await self.call("GetRun", pb.GetRunRequest(run_id=run_id))).run

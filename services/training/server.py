@@ -12,14 +12,13 @@ from knowserve.training.v1 import training_service_pb2_grpc as pb_grpc
 from services.common.errors import Unavailable
 from services.common.server import ServiceApp, ServiceBinding
 from services.training.config import TrainingSettings
+from services.training.convert import hyper_from_proto, hyper_to_proto, options_from_proto
 from services.training.core import StartSpec, TrainingCore
-from training.config import Hyperparameters, RunConfig
+from training.config import RunConfig
 from training.grpo import RunState
 
 STATES = {"PENDING": pb.RUN_STATE_PENDING, "RUNNING": pb.RUN_STATE_RUNNING, "SUCCEEDED": pb.RUN_STATE_SUCCEEDED,
           "FAILED": pb.RUN_STATE_FAILED, "STOPPED": pb.RUN_STATE_STOPPED}
-LOSSES = {pb.LOSS_TYPE_GRPO: "grpo", pb.LOSS_TYPE_DAPO: "dapo", pb.LOSS_TYPE_DR_GRPO: "dr_grpo"}
-LOSSES_BACK = {v: k for k, v in LOSSES.items()}
 
 
 def _ts(iso: str) -> Timestamp:
@@ -29,40 +28,13 @@ def _ts(iso: str) -> Timestamp:
     return t
 
 
-def hyper_from_proto(h: pb.Hyperparameters) -> Hyperparameters:
-    """Zero fields mean "the recipe default" (None)."""
-    return Hyperparameters(
-        learning_rate=h.learning_rate or None, max_steps=h.max_steps or None, group_size=h.group_size or None,
-        batch_size=h.batch_size or None, beta=h.beta if h.HasField("beta") else None,
-        loss_type=LOSSES.get(h.loss_type), sync_every=h.sync_every or None,
-        max_completion_tokens=h.max_completion_tokens or None, temperature=h.temperature or None,
-        use_lora=h.use_lora or None, lora_rank=h.lora_rank or None, seed=h.seed or None)
-
-
-def options_from_proto(o: pb.RunOptions) -> dict:
-    """RunConfig fields the request sets (zero values: the defaults)."""
-    out: dict = {}
-    if o.HasField("tool_protocol"):
-        out["tool_protocol"] = o.tool_protocol
-    for name in ("max_tool_turns", "retrieval_top_k", "dataset_limit", "checkpoint_every"):
-        if getattr(o, name):
-            out[name] = getattr(o, name)
-    if o.prompt_format:
-        out["prompt_format"] = o.prompt_format
-    return out
-
-
 def run_to_proto(st: RunState, cfg: RunConfig) -> pb.Run:
     h = cfg.resolved_hyperparameters()
     return pb.Run(run_id=st.run_id, state=STATES.get(st.state, pb.RUN_STATE_UNSPECIFIED), recipe=cfg.recipe,
                   dataset=cfg.dataset, model=cfg.model, step=st.step, weight_version=st.weight_version,
                   checkpoint_dir=st.checkpoint_dir, error=st.error, create_time=_ts(st.create_time),
                   update_time=_ts(st.update_time),
-                  hyperparameters=pb.Hyperparameters(
-                      learning_rate=h.learning_rate, max_steps=h.max_steps, group_size=h.group_size,
-                      batch_size=h.batch_size, beta=h.beta, loss_type=LOSSES_BACK[h.loss_type],
-                      sync_every=h.sync_every, max_completion_tokens=h.max_completion_tokens,
-                      temperature=h.temperature, use_lora=h.use_lora, lora_rank=h.lora_rank, seed=h.seed))
+                  hyperparameters=hyper_to_proto(h))
 
 
 class TrainingServicer(pb_grpc.TrainingServiceServicer):

@@ -18,7 +18,7 @@ from tests.generation.conftest import teach
 
 def make_core(model_dir, root, search=None, version=1) -> GenerationCore:
     engine = TransformersEngine.from_path(model_dir, max_model_len=512)
-    slot = WeightSlot(Weights(engine, version, str(model_dir)), lambda p: TransformersEngine.from_path(p, 512), root)
+    slot = WeightSlot(Weights(engine, version, str(model_dir)), lambda p, like: TransformersEngine.from_path(p, 512, like=like), root)
     return GenerationCore(slot, Limits(max_tokens_limit=64, default_max_tokens=16, max_n=4), search)
 
 
@@ -139,7 +139,7 @@ async def test_concurrent_requests_reach_the_batcher_together(tiny_model):
     sizes: list[int] = []
     engine = BatchingEngine(TransformersEngine.from_path(tiny_model, max_model_len=512), max_batch=16,
                             wait_seconds=0.05, observe=sizes.append)
-    slot = WeightSlot(Weights(engine, 1, str(tiny_model)), lambda p: engine, tiny_model.parent)
+    slot = WeightSlot(Weights(engine, 1, str(tiny_model)), lambda p, like: engine, tiny_model.parent)
     core = GenerationCore(slot, Limits(max_tokens_limit=64, default_max_tokens=16), None)
     outs = await asyncio.gather(*(core.generate([Prompt(text=f"Request {i}")], GenerateParams(max_tokens=4))
                                   for i in range(16)))
