@@ -20,7 +20,6 @@ Needs the local stack (``make demo`` leaves it running, serving the demo world m
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import shutil
@@ -32,6 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from services.common.addresses import default_target  # noqa: E402
 
 
 def services_arm(args, model: Path, workdir: Path) -> list[dict]:
@@ -103,8 +103,8 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--trainer-threads", type=int, default=1)
     parser.add_argument("--baseline-threads", type=int, default=2)
-    parser.add_argument("--generation", default="127.0.0.1:50054")
-    parser.add_argument("--reward", default="127.0.0.1:50053")
+    parser.add_argument("--generation", default=default_target("generation"))
+    parser.add_argument("--reward", default=default_target("reward"))
     parser.add_argument("--checkpoint-root", type=Path, default=run_dir / "checkpoints")
     parser.add_argument("--out", type=Path, default=run_dir / "benchmarks/grpo_step.json")
     args = parser.parse_args()

@@ -21,11 +21,14 @@ import asyncio
 import sys
 from pathlib import Path
 
-from services.common.clients import DEFAULT_PORTS
+from services.common.addresses import GENERATION_APP, default_target
+from services.common.grading import ANSWER_FROM, MATCHES
+from services.common.tools import DEFAULT as DEFAULT_TOOL_PROTOCOL
+from services.common.tools import NAMES as TOOL_NAMES
 
 
 def _retrieval_target(args) -> str:
-    return args.target or f"127.0.0.1:{DEFAULT_PORTS['retrieval']}"
+    return args.target or default_target("retrieval")
 
 
 def cmd_up(args) -> int:
@@ -115,7 +118,7 @@ def cmd_verify(args) -> int:
     from services.verification.core import VerifyItem
 
     async def run():
-        async with VerificationClient(args.target or f"127.0.0.1:{DEFAULT_PORTS['verification']}") as client:
+        async with VerificationClient(args.target or default_target("verification")) as client:
             return await client.verify([VerifyItem(answer=args.answer, topic=args.topic, section=args.section)],
                                        judge=args.judge)
 
@@ -134,7 +137,7 @@ def cmd_score(args) -> int:
     from services.reward.core import ScoreItem
 
     async def run():
-        async with RewardClient(args.target or f"127.0.0.1:{DEFAULT_PORTS['reward']}") as client:
+        async with RewardClient(args.target or default_target("reward")) as client:
             return await client.score(args.recipe, [ScoreItem(args.prompt, args.completion, args.gold)])
 
     reply = asyncio.run(run())
@@ -195,11 +198,11 @@ def cmd_world(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from rich.console import Console
+    from services.common.progress import console as make_console
 
     from training.config import ConfigError, RunConfig
 
-    console = Console()
+    console = make_console()
     try:
         cfg = RunConfig.from_yaml(Path(args.config))
         if args.run_id:
@@ -231,7 +234,7 @@ async def _train_via_service(cfg, args, console) -> int:
 
     from knowserve.training.v1 import training_service_pb2 as pb
 
-    async with TrainingClient(args.target or f"127.0.0.1:{DEFAULT_PORTS['training']}") as client:
+    async with TrainingClient(args.target or default_target("training")) as client:
         run = await client.start_run_config(cfg, model=str(Path(cfg.model).resolve()), resume=args.resume)
         console.print(f"run {run.run_id} started")
         async for p in client.stream_progress(run.run_id):
@@ -243,14 +246,14 @@ async def _train_via_service(cfg, args, console) -> int:
 
 
 def cmd_runs(args) -> int:
-    from rich.console import Console
+    from services.common.progress import console as make_console
     from rich.table import Table
 
     from knowserve.training.v1 import training_service_pb2 as pb
     from services.training.client import TrainingClient
 
     async def run() -> list:
-        async with TrainingClient(args.target or f"127.0.0.1:{DEFAULT_PORTS['training']}") as client:
+        async with TrainingClient(args.target or default_target("training")) as client:
             if args.run_id:
                 return [await client.get_run(args.run_id)]
             return await client.list_runs()
@@ -261,21 +264,23 @@ def cmd_runs(args) -> int:
     for r in asyncio.run(run()):
         t.add_row(r.run_id, pb.RunState.Name(r.state).removeprefix("RUN_STATE_"), r.recipe, r.dataset,
                   f"{r.step}/{r.hyperparameters.max_steps}", f"v{r.weight_version}", r.error[:80])
-    Console().print(t)
+    make_console().print(t)
     return 0
 
 
 def cmd_eval(args) -> int:
-    from rich.console import Console
+    from services.common.progress import console as make_console
 
     from training.eval import EvalConfig, evaluate, summary_table
 
     cfg = EvalConfig(dataset=args.dataset, limit=args.limit, seed=args.seed, mode=args.mode,
                      tool_protocol=args.tool_protocol, prompt_format=args.prompt_format, match=args.match,
+                     answer_from=args.answer_from,
                      max_tokens=args.max_tokens, generation_target=args.generation,
+                     generation_app_name=args.generation_app,
                      verification_target=args.verification, out_dir=args.out, label=args.label)
     result = asyncio.run(evaluate(cfg))
-    console = Console()
+    console = make_console()
     console.print(summary_table([result]))
     console.print(f"results: {result['path']}  chart: {result['chart']}")
     return 0
@@ -295,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ingest", help="stream a corpus (.jsonl/.parquet: id, title, text, source) into the index")
     p.add_argument("corpus")
-    p.add_argument("--target", help="retrieval service host:port (default 127.0.0.1:50051)")
+    p.add_argument("--target", help=f"retrieval service host:port (default {default_target('retrieval')})")
     p.add_argument("--data-dir", help="write an embedded index folder directly instead of through the service")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--source", default="", help="source for rows that have none")
@@ -327,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge", default="", help="lexical or nli (default: the service's)")
     p.add_argument("--topic", default="", help="prepended to each claim's evidence query")
     p.add_argument("--section", choices=["all", "think", "answer"], default="all")
-    p.add_argument("--target", help="verification host:port (default 127.0.0.1:50052)")
+    p.add_argument("--target", help=f"verification host:port (default {default_target('verification')})")
     p.set_defaults(fn=cmd_verify)
 
     p = sub.add_parser("score", help="score one completion under a reward recipe")
@@ -335,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--completion", required=True)
     p.add_argument("--prompt", default="")
     p.add_argument("--gold", action="append", default=[], help="a gold answer (repeat for aliases)")
-    p.add_argument("--target", help="reward host:port (default 127.0.0.1:50053)")
+    p.add_argument("--target", help=f"reward host:port (default {default_target('reward')})")
     p.set_defaults(fn=cmd_score)
 
     p = sub.add_parser("train-verifier", help="fine-tune the nli judge's cross-encoder (VitaminC + FEVER + edits)")
@@ -386,12 +391,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=200, help="seeded sample size (0 = all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mode", choices=["closed_book", "retrieval"], default="closed_book")
-    p.add_argument("--tool-protocol", choices=["r1_searcher", "search_r1"], default="r1_searcher")
+    p.add_argument("--tool-protocol", choices=TOOL_NAMES, default=DEFAULT_TOOL_PROTOCOL)
     p.add_argument("--prompt-format", choices=["auto", "chat", "demo"], default="auto")
-    p.add_argument("--match", choices=["contains", "exact"], default="contains")
+    p.add_argument("--match", choices=MATCHES, default="contains", help="how answers match the gold answers "
+                   "(services.common.grading)")
+    p.add_argument("--answer-from", choices=ANSWER_FROM, default="answer_tag_or_text",
+                   help="where the answer is taken from: the last <answer> tag only, or that else the first line")
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--generation", default=f"127.0.0.1:{DEFAULT_PORTS['generation']}")
-    p.add_argument("--verification", default=f"127.0.0.1:{DEFAULT_PORTS['verification']}",
+    p.add_argument("--generation", default=default_target("generation"))
+    p.add_argument("--generation-app", default=GENERATION_APP, help="Serve application name of the generation "
+                   "service (its `application` metadata)")
+    p.add_argument("--verification", default=default_target("verification"),
                    help="verification host:port for claim support ('' skips it)")
     p.add_argument("--out", default="", help="default: $KNOWSERVE_RUN_DIR/eval (.knowserve/eval)")
     p.add_argument("--label", default="")
@@ -406,7 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from services.common.progress import quiet_library_bars
+
     args = build_parser().parse_args(argv)
+    quiet_library_bars()
     return int(args.fn(args) or 0)
 
 

@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from services import stack
+from services.common.progress import console as make_console
 from services.retrieval.client import RetrievalClient
 from services.retrieval.core import Document
 from services.retrieval.demo_corpus import build_wiki_corpus
@@ -63,7 +64,7 @@ def demo_subset(full: Path, n: int) -> tuple[Path, int]:
 
 
 def run_demo() -> int:
-    console = Console()
+    console = make_console()
     console.rule("1. start the stack")
     procs = stack.up()
     target = procs["retrieval"].target
@@ -149,9 +150,8 @@ async def show_model_hallucination(console: Console, generation: str, verificati
     """Answers of the served model, closed-book and with retrieved passages, graded against gold answers and
     checked claim by claim."""
     from knowserve.verification.v1 import verification_service_pb2 as vpb
-    from services.common.text import is_refusal
+    from services.common.grading import CORRECT, NOT_ATTEMPTED, GradeOptions, grade
     from services.generation.client import GenerationClient
-    from services.reward.components import cover_exact_match
 
     console.rule("8. the served model answers closed-book, then with retrieved passages; every claim is checked")
     async with GenerationClient(generation) as g, VerificationClient(verification) as v, \
@@ -167,13 +167,13 @@ async def show_model_hallucination(console: Console, generation: str, verificati
                     f"- {p.title}: {p.text[:400]}" for p in passages) + "\n\n"
                 chats.append([{"role": "user", "content": f"{context}{q} Answer in one short sentence."}])
             reply = await g.generate(chats, temperature=0, max_tokens=40, timeout=600)
-            answers = [c.text.replace("<|im_end|>", "").strip() for c in reply.completions]
+            answers = [c.text.strip() for c in reply.completions]
             verdicts = await v.verify([VerifyItem(answer=a) for a in answers], judge="lexical")
             attempted = wrong = 0
             console.print(f"[bold]{mode}[/bold]")
             for (q, gold), a, r in zip(MODEL_QUESTIONS, answers, verdicts.results):
-                refused = is_refusal(a)
-                right = bool(cover_exact_match(a, gold))
+                g = grade(a, gold, options=GradeOptions("answer_tag_or_text", "cover"))
+                refused, right = g == NOT_ATTEMPTED, g == CORRECT
                 attempted += not refused
                 wrong += (not refused) and not right
                 labels = ", ".join(vpb.Label.Name(c.label).removeprefix("LABEL_").lower() for c in r.claims)
@@ -288,7 +288,7 @@ async def train_through_service(console: Console, target: str, run_id: str, mode
                                 log_every: int = 10) -> int:
     """StartRun on the training service with ``cfg`` (a RunConfig; default training/configs/demo_world.yaml), then
     follow its progress with a bar, a line every ``log_every`` steps; returns the weight version it left serving."""
-    from tqdm import tqdm
+    from services.common.progress import progress as tqdm
 
     from knowserve.training.v1 import training_service_pb2 as tpb
     from services.training.client import TrainingClient
@@ -323,7 +323,7 @@ def run_demo_full(steps: int = 0, limit: int = 100) -> int:
     from training.config import RunConfig
     from training.eval import EvalConfig, evaluate
 
-    console = Console()
+    console = make_console()
     console.rule("1. the stack")
     procs = stack.up()
     cfg = RunConfig.from_yaml(Path(__file__).resolve().parents[1] / "training/configs/smollm2_knowrl.yaml")

@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from services.common.clients import ServiceClient
+from services.common.progress import console as make_console
 from services.common.settings import ServiceSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,13 +128,15 @@ async def _health(procs: dict[str, Proc], started: dict[str, subprocess.Popen] |
 def print_table(procs: dict[str, Proc], health: dict[str, str], console: Console | None = None) -> None:
     table = Table(title=f"knowserve stack ({run_dir()})")
     for col in ("service", "pid", "gRPC", "metrics", "health", "log"):
-        table.add_column(col)
+        # addresses and paths wrap rather than being cut to "127.0.0.1:50…" in an 80-column log
+        table.add_column(col, overflow="fold", no_wrap=col in ("service", "pid", "health"))
     for name, p in procs.items():
         status = health.get(name, "?")
         style = "green" if status == "SERVING" else "red"
-        metrics = f"http://127.0.0.1:{p.metrics_port}/metrics" if p.metrics_port else "-"
-        table.add_row(name, str(p.pid), p.target, metrics, f"[{style}]{status}[/{style}]", p.log)
-    (console or Console()).print(table)
+        metrics = f"127.0.0.1:{p.metrics_port}/metrics" if p.metrics_port else "-"
+        log = os.path.relpath(p.log, run_dir()) if p.log.startswith(str(run_dir())) else p.log
+        table.add_row(name, str(p.pid), p.target, metrics, f"[{style}]{status}[/{style}]", log)
+    (console or make_console()).print(table)
 
 
 def up(services: str | None = None, timeout: float = 180.0) -> dict[str, Proc]:
@@ -194,7 +197,7 @@ def start_monitoring(procs: dict[str, Proc], console: Console | None = None) -> 
 
     from services.monitoring import LocalPrometheus
 
-    console = console or Console()
+    console = console or make_console()
     if os.environ.get("KNOWSERVE_STACK_PROMETHEUS", "1") == "0" or not _shutil.which("prometheus"):
         return None
     port = int(os.environ.get("KNOWSERVE_STACK_PROMETHEUS_PORT", "9090"))

@@ -206,47 +206,63 @@ def generation_retrieval_port():
     return free_port()
 
 
+class GenerationApp:
+    """``python -m services.generation`` (a local Ray head, explicit ports and CPUs, the Serve app) as our own
+    process group; stopped by signalling that group, never `ray stop`."""
+
+    def __init__(self, root: Path, model: Path, app_name: str = SERVE_APP, **settings: str):
+        self.root, self.port, self.metrics_port = root, free_port(), free_port()
+        self.target = f"127.0.0.1:{self.port}"
+        self.app_name = app_name
+        env = {f"KNOWSERVE_GENERATION_{k.upper()}": str(v) for k, v in {
+            "port": self.port, "http_port": free_port(), "dashboard_port": free_port(), "model_path": model,
+            "checkpoint_root": root, "app_name": app_name, "metrics_port": self.metrics_port,
+            "metrics_dir": root / "metrics", "replicas": 2, "replica_num_cpus": 0.5, "ray_num_cpus": 2,
+            **settings}.items()}
+        self.env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_USAGE_STATS_ENABLED="0", **env)
+        self.log_path = root / "generation.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 240.0) -> "GenerationApp":
+        log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "services.generation"], cwd=ROOT, env=self.env,
+                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                with grpc.insecure_channel(self.target) as ch:
+                    health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2,
+                                                         metadata=(("application", self.app_name),))
+                    return self
+            except grpc.RpcError:
+                time.sleep(1)
+        self.stop()
+        pytest.fail("generation did not start:\n" + self.log_path.read_text()[-4000:])
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # our own process group only
+            self.proc.wait(60)
+        except ProcessLookupError:  # it exited on its own (a failed start)
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc = None
+
+
 @pytest.fixture(scope="session")
 def serve_generation(tmp_path_factory, generation_retrieval_port):
-    """The generation app on a real local Ray head (explicit ports and CPUs, a tiny model built here); stopped
-    by signalling our own process group, never `ray stop`. Shared by the generation and verification tests."""
+    """The generation app on a real local Ray head (a tiny model built here), shared by the generation,
+    verification, reward and training tests: (target, checkpoint root, metrics port)."""
     from services.common.models import tiny_lm_folder
 
     tiny_model = tiny_lm_folder(ROOT / ".cache/models")
     root = tmp_path_factory.mktemp("checkpoints")
     shutil.copytree(tiny_model, root / "v1")
-    port, dash, metrics = free_port(), free_port(), free_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT), KNOWSERVE_GENERATION_PORT=str(port),
-               KNOWSERVE_GENERATION_HTTP_PORT=str(free_port()), KNOWSERVE_GENERATION_DASHBOARD_PORT=str(dash),
-               KNOWSERVE_GENERATION_MODEL_PATH=str(root / "v1"), KNOWSERVE_GENERATION_CHECKPOINT_ROOT=str(root),
-               KNOWSERVE_GENERATION_APP_NAME=SERVE_APP, KNOWSERVE_GENERATION_METRICS_PORT=str(metrics),
-               KNOWSERVE_GENERATION_METRICS_DIR=str(root / "metrics"), KNOWSERVE_GENERATION_REPLICAS="2",
-               KNOWSERVE_GENERATION_REPLICA_NUM_CPUS="0.5", KNOWSERVE_GENERATION_RAY_NUM_CPUS="2",
-               KNOWSERVE_GENERATION_MAX_TOKENS_LIMIT="64", KNOWSERVE_GENERATION_DEFAULT_MAX_TOKENS="16",
-               KNOWSERVE_GENERATION_RETRIEVAL_TARGET=f"127.0.0.1:{generation_retrieval_port}",
-               RAY_USAGE_STATS_ENABLED="0")
-    log = open(root / "generation.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "services.generation"], cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    target = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    ready = False
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            with grpc.insecure_channel(target) as ch:
-                health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2,
-                                                     metadata=(("application", SERVE_APP),))
-                ready = True
-                break
-        except grpc.RpcError:
-            time.sleep(1)
-    if not ready:
-        proc.kill()
-        pytest.fail("generation did not start:\n" + (root / "generation.log").read_text()[-4000:])
-    yield target, root, metrics
-    os.killpg(proc.pid, signal.SIGTERM)  # our own process group only
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    log.close()
+    app = GenerationApp(root, root / "v1", max_tokens_limit=64, default_max_tokens=16,
+                        retrieval_target=f"127.0.0.1:{generation_retrieval_port}").start()
+    yield app.target, root, app.metrics_port
+    app.stop()

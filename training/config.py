@@ -22,11 +22,13 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from services.common import tools
+from services.common.addresses import GENERATION_APP, default_target
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
-LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 
 
 class ConfigError(ValueError):
@@ -75,7 +77,12 @@ class Stage(BaseModel):
 class TrainingRecipe(BaseModel):
     name: str
     description: str = ""
-    tool_protocol: Literal["", "r1_searcher", "search_r1"] = ""
+    tool_protocol: str = ""
+
+    @field_validator("tool_protocol")
+    @classmethod
+    def _known_protocol(cls, v: str) -> str:
+        return tools.check(v)
     stages: list[Stage]
     system_prompt: str = ""
     defaults: dict = Field(default_factory=dict)
@@ -101,15 +108,20 @@ class RunConfig(BaseModel):
     dataset_limit: int = Field(0, ge=0, description="Use a seeded sample of this many rows; 0: all.")
     model: str = Field(..., description="HF model folder the run starts from (and publishes to generation).")
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
-    tool_protocol: Literal["default", "", "r1_searcher", "search_r1"] = Field(
-        "default", description="Override the recipe's tool protocol; 'default' keeps it.")
+    tool_protocol: str = Field("default", description="Override the recipe's tool protocol ('' for none; a name "
+                               "of services.common.tools.TOOL_PROTOCOLS); 'default' keeps it.")
     max_tool_turns: int = Field(0, ge=0, description="Tool turns per rollout; 0: the generation service default.")
     retrieval_top_k: int = Field(0, ge=0, description="Documents per query; 0: the generation service default.")
+    @field_validator("tool_protocol")
+    @classmethod
+    def _known_protocol(cls, v: str) -> str:
+        return v if v == "default" else tools.check(v)
+
     prompt_format: Literal["auto", "chat", "demo"] = Field(
         "auto", description="chat: system+user messages (chat template); demo: the demo model's text prompt.")
-    generation_target: str = "127.0.0.1:50054"
-    generation_app_name: str = "knowserve-generation"
-    reward_target: str = "127.0.0.1:50053"
+    generation_target: str = default_target("generation")
+    generation_app_name: str = GENERATION_APP
+    reward_target: str = default_target("reward")
     publish: bool = Field(True, description="Publish weights to generation every sync_every steps.")
     checkpoint_root: str = Field(".knowserve/checkpoints", description="The generation service's allowed "
                                  "checkpoint root (KNOWSERVE_GENERATION_CHECKPOINT_ROOT); weights are published there.")

@@ -27,13 +27,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.common.tools import TOOL_PROTOCOLS
 from training.world import ATTRIBUTES, QUERIES, QUESTIONS, STATEMENTS, VALUES, World, _name
 
 PROMPT = "Question: {question}\nAnswer: <think>"
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
-TAGS = ["<think>", "</think>", "<answer>", "</answer>", "<|begin_of_query|>", "<|end_of_query|>",
-        "<|begin_of_documents|>", "<|end_of_documents|>"]
+PROTOCOL = TOOL_PROTOCOLS["r1_searcher"]  # the tool protocol the demo model searches with
+TAGS = ["<think>", "</think>", "<answer>", "</answer>", *PROTOCOL.tags]
 
 
 def uses_demo_prompt(model_folder: str | Path) -> bool:
@@ -60,13 +61,12 @@ def prompt_for(question: str) -> str:
 
 def documents_block(passages: list[tuple[str, str]]) -> str:
     """What the generation service inserts after a query (``ToolProtocol.format_documents`` of r1_searcher)."""
-    from services.generation.core import TOOL_PROTOCOLS
 
     class P:  # the two fields format_documents reads
         def __init__(self, title: str, text: str):
             self.title, self.text = title, text
 
-    return TOOL_PROTOCOLS["r1_searcher"].format_documents([P(t, x) for t, x in passages])
+    return PROTOCOL.format_documents([P(t, x) for t, x in passages])
 
 
 def direct_completion(name: str, attribute: str, value: str) -> str:
@@ -79,7 +79,7 @@ def search_segments(name: str, attribute: str, values: dict[str, str]) -> list[t
     """A searching completion as (text, trained) segments: the inserted documents are not trained on."""
     doc_text = " ".join(STATEMENTS[a].format(name=name, value=values[a]) for a in ATTRIBUTES)
     query = QUERIES[attribute].format(name=name)
-    return [(f"<|begin_of_query|> {query}<|end_of_query|>", True),
+    return [(f"{PROTOCOL.query_open} {query}{PROTOCOL.query_close}", True),
             (documents_block([(name, doc_text)]), False),
             (f"</think><answer>{values[attribute]}</answer>", True)]
 
@@ -189,7 +189,7 @@ def encode_segments(tokenizer, segments: list[tuple[str, bool]]) -> tuple[list[i
 def train_demo_model(world: World, folder: Path, cfg: SftConfig | None = None, progress: bool = True) -> dict:
     """Build the tokenizer and model and cold-start them; saves an HF folder at ``folder``. Returns stats."""
     import torch
-    from tqdm import tqdm
+    from services.common.progress import progress as tqdm
 
     cfg = cfg or SftConfig()
     torch.set_num_threads(cfg.threads)

@@ -1,7 +1,8 @@
 """``knowserve eval``: how much a served model hallucinates, per weight version.
 
 A QA set runs through the generation service (closed-book, or with retrieval inside generation), each answer is
-graded against the gold answers (SimpleQA's correct / incorrect = hallucinated / not attempted), its claims are
+graded against the gold answers by the platform's one grader (:mod:`services.common.grading`, the rule the reward
+service uses; SimpleQA's correct / incorrect = hallucinated / not attempted), its claims are
 checked by the verification service against the knowledge base (claim support rate), and R-Tuning's AP score
 ranks answers by the model's own confidence (the geometric-mean probability of the tokens it wrote).
 
@@ -19,15 +20,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.common.addresses import GENERATION_APP, default_target
 from services.common.clients import ClientOptions
+from services.common.grading import ANSWER_FROM, MATCHES, MISSING, NOT_ATTEMPTED, GradeOptions, grade, take_answer
+from services.common.text import END_MARKERS, normalize_answer, strip_end_markers
+from services.common.tools import DEFAULT as DEFAULT_TOOL_PROTOCOL
+from services.common.tools import check as check_tool_protocol
+from services.common.tools import strip_tool_blocks
 from training.data import QaRow, load_dataset
-from services.common.text import normalize_answer
-from training.metrics import average_precision, extract_answer, grade, rates, sequence_confidence
+from training.metrics import average_precision, rates, sequence_confidence
+from training.prompts import FORMATS, render_prompt, resolve_format
 
 DEFAULT_SYSTEM_PROMPT = ("Answer the question with a short phrase, without explanation. If you do not know the "
                          "answer, say \"I don't know\".")
-_BLOCKS = re.compile(r"<\|begin_of_documents\|>.*?<\|end_of_documents\|>|<information>.*?</information>|"
-                     r"<\|begin_of_query\|>.*?<\|end_of_query\|>|<search>.*?</search>", re.S)
 _TAGS = re.compile(r"</?(think|answer)>")
 
 
@@ -37,16 +42,17 @@ class EvalConfig:
     limit: int = 0
     seed: int = 0
     mode: str = "closed_book"  # closed_book | retrieval
-    tool_protocol: str = "r1_searcher"  # the protocol of retrieval mode
+    tool_protocol: str = DEFAULT_TOOL_PROTOCOL  # the protocol of retrieval mode
     prompt_format: str = "auto"  # auto | chat | demo
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
-    match: str = "contains"  # contains | exact
+    match: str = "contains"  # exact | cover | contains (services.common.grading)
+    answer_from: str = "answer_tag_or_text"  # answer_tag | answer_tag_or_text
     max_tokens: int = 64
     max_tool_turns: int = 1
     retrieval_top_k: int = 1
-    generation_target: str = "127.0.0.1:50054"
-    generation_app_name: str = "knowserve-generation"
-    verification_target: str = "127.0.0.1:50052"  # "" skips claim support
+    generation_target: str = default_target("generation")
+    generation_app_name: str = GENERATION_APP
+    verification_target: str = default_target("verification")  # "" skips claim support
     judge: str = ""
     out_dir: str = ""  # "": <KNOWSERVE_RUN_DIR or .knowserve>/eval
     batch: int = 32
@@ -55,10 +61,13 @@ class EvalConfig:
     def check(self) -> "EvalConfig":
         if self.mode not in ("closed_book", "retrieval"):
             raise ValueError(f"mode {self.mode!r}: use closed_book or retrieval")
-        if self.match not in ("contains", "exact"):
-            raise ValueError(f"match {self.match!r}: use contains or exact")
-        if self.prompt_format not in ("auto", "chat", "demo"):
-            raise ValueError(f"prompt_format {self.prompt_format!r}: use auto, chat or demo")
+        if self.match not in MATCHES:
+            raise ValueError(f"match {self.match!r}: use one of {MATCHES}")
+        if self.answer_from not in ANSWER_FROM:
+            raise ValueError(f"answer_from {self.answer_from!r}: use one of {ANSWER_FROM}")
+        if self.prompt_format not in FORMATS:
+            raise ValueError(f"prompt_format {self.prompt_format!r}: use one of {FORMATS}")
+        check_tool_protocol(self.tool_protocol, allow_empty=False)
         if self.max_tokens < 1 or self.batch < 1:
             raise ValueError("max_tokens and batch must be at least 1")
         return self
@@ -71,7 +80,7 @@ def claim_text(completion: str) -> str:
     ...            "X was born in Y.</think><answer>Y</answer>")
     'X was born in Y. Y'
     """
-    text = _TAGS.sub(" ", _BLOCKS.sub(" ", completion))
+    text = _TAGS.sub(" ", strip_tool_blocks(completion))
     return re.sub(r"\s+", " ", text).strip()
 
 
@@ -91,18 +100,22 @@ def checkable_text(completion: str, answer: str) -> str:
     return asserted if asserted and normalize_answer(asserted) != normalize_answer(answer) else ""
 
 
-def _render(row: QaRow, fmt: str, system_prompt: str):
-    if fmt == "demo":
-        from training.demo_model import prompt_for
+def grade_options(cfg: EvalConfig, end_markers=END_MARKERS) -> GradeOptions:
+    """The grading rule of an eval (the same :class:`GradeOptions` a reward recipe states)."""
+    return GradeOptions(cfg.answer_from, cfg.match, tuple(end_markers))
 
-        return prompt_for(row.question)
-    return ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-        {"role": "user", "content": row.question}]
+
+def grade_record(completion: str, row: QaRow, options: GradeOptions) -> dict:
+    """The graded parts of one answer's record: the completion as the model's text (cut at its first end marker),
+    the answer taken out of it and its grade."""
+    text = strip_end_markers(completion, options.end_markers)
+    return {"completion": text, "answer": take_answer(text, options.answer_from, ()) or "",
+            "grade": grade(text, row.gold_answers, row.false_answers, options)}
 
 
 async def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     """Run the evaluation; returns the result dict (also written as JSON)."""
-    from tqdm import tqdm
+    from services.common.progress import progress as tqdm
 
     from services.generation.client import GenerationClient
 
@@ -113,26 +126,23 @@ async def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     start = time.monotonic()
     try:
         info = await gen.model_info()
-        fmt = cfg.prompt_format
-        if fmt == "auto":
-            from training.demo_model import uses_demo_prompt
-
-            fmt = "demo" if uses_demo_prompt(info.checkpoint_uri) else "chat"
+        fmt = resolve_format(cfg.prompt_format, info.checkpoint_uri)
+        # raw text from any caller is cut at the served model's own end markers too (GetModelInfo)
+        options = grade_options(cfg, dict.fromkeys((*END_MARKERS, *info.end_of_sequence_tokens)))
         records = []
         bar = tqdm(total=len(rows), desc=f"eval {cfg.dataset} ({cfg.mode})", unit="q", disable=not progress)
         for i in range(0, len(rows), cfg.batch):
             chunk = rows[i: i + cfg.batch]
-            reply = await gen.generate([_render(r, fmt, cfg.system_prompt) for r in chunk], temperature=0.0,
+            reply = await gen.generate([render_prompt(r.question, fmt, cfg.system_prompt) for r in chunk],
+                                       temperature=0.0,
                                        max_tokens=cfg.max_tokens, return_logprobs=True,
                                        tool_protocol=cfg.tool_protocol if cfg.mode == "retrieval" else "",
                                        max_tool_turns=cfg.max_tool_turns if cfg.mode == "retrieval" else 0,
                                        retrieval_top_k=cfg.retrieval_top_k if cfg.mode == "retrieval" else 0)
             for row, c in zip(chunk, sorted(reply.completions, key=lambda c: c.prompt_index)):
-                answer = extract_answer(c.text)
                 own = [lp for lp, m in zip(c.logprobs, c.env_mask) if m]
                 records.append({"id": row.id, "question": row.question, "gold_answers": row.gold_answers,
-                                "completion": c.text, "answer": answer,
-                                "grade": grade(answer, row.gold_answers, row.false_answers, cfg.match),
+                                **grade_record(c.text, row, options),
                                 "confidence": sequence_confidence(own), "searched": c.tool_turns > 0,
                                 "weight_version": int(c.weight_version), "topic": row.topic})
             bar.update(len(chunk))
@@ -165,7 +175,7 @@ async def _claim_support(cfg: EvalConfig, records: list[dict]) -> float | None:
     from services.verification.client import VerificationClient
     from services.verification.core import VerifyItem
 
-    attempted = [r for r in records if r["grade"] != "NOT_ATTEMPTED"
+    attempted = [r for r in records if r["grade"] not in (NOT_ATTEMPTED, MISSING)
                  and checkable_text(r["completion"], r["answer"])]
     if not attempted:
         return None
@@ -213,18 +223,24 @@ def plot_results(out_dir: Path) -> Path:
     import matplotlib.pyplot as plt
 
     results = sorted(load_results(out_dir), key=lambda r: (r["benchmark"], r["mode"], r["weight_version"]))
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(results) + 2), 4.5))
-    labels = [f"{r['benchmark']}\n{r['mode']}\nv{r['weight_version']}" for r in results]
+    # one bar per result, grouped by benchmark and mode; labels wrap at ':' and stay horizontal, the legend sits
+    # outside the axes so it covers no bar
+    fig, ax = plt.subplots(figsize=(min(24, max(6.5, 1.35 * len(results) + 3)), 5.0))
+    labels = ["\n".join((*r["benchmark"].split(":"), r["mode"].replace("_", "-"), f"v{r['weight_version']}"))
+              for r in results]
+    x = list(range(len(results)))
     bottom = [0.0] * len(results)
     for key, colour, name in (("correct", "#2e7d32", "correct"), ("incorrect", "#c62828", "hallucinated"),
                               ("not_attempted", "#9e9e9e", "abstained")):
         values = [r[key] for r in results]
-        ax.bar(labels, values, bottom=bottom, color=colour, label=name)
+        ax.bar(x, values, bottom=bottom, color=colour, label=name, width=0.7)
         bottom = [b + v for b, v in zip(bottom, values)]
+    ax.set_xticks(x, labels, fontsize=8)
+    ax.set_xlim(-0.6, len(results) - 0.4)
     ax.set_ylabel("share of questions")
     ax.set_ylim(0, 1)
-    ax.set_title("knowserve eval: answers by weight version")
-    ax.legend(loc="upper right", fontsize=8)
+    ax.set_title("knowserve eval: answers by benchmark, mode and weight version")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False)
     fig.tight_layout()
     path = Path(out_dir) / "eval.png"
     fig.savefig(path, dpi=110)

@@ -31,9 +31,10 @@ from typing import Any, Callable
 
 import yaml
 
+from services.common.grading import last_answer
 from services.common.text import is_refusal
-from services.reward.components import last_answer
 from training.config import ConfigError, RunConfig
+from training.prompts import render_prompt, resolve_format
 from training.services_io import BackgroundLoop, ServiceRollout, WeightPublisher, retrying_options
 
 log = logging.getLogger("knowserve.training")
@@ -193,24 +194,6 @@ class StagedRewards:
             a.close()
 
 
-def render_prompt(question: str, fmt: str, system_prompt: str):
-    """The prompt a dataset row becomes: the demo model's text prompt, or system + user chat messages."""
-    if fmt == "demo":
-        from training.demo_model import prompt_for
-
-        return prompt_for(question)
-    messages = [{"role": "user", "content": question}]
-    return ([{"role": "system", "content": system_prompt}] if system_prompt else []) + messages
-
-
-def prompt_format(cfg: RunConfig) -> str:
-    if cfg.prompt_format != "auto":
-        return cfg.prompt_format
-    from training.demo_model import uses_demo_prompt
-
-    return "demo" if uses_demo_prompt(cfg.model) else "chat"
-
-
 class Control:
     """Stop requests: SIGTERM / SIGINT, or a STOP file in the run folder (StopRun writes it)."""
 
@@ -339,7 +322,7 @@ def run_training(run_root: Path, resume: bool = False, on_progress: Callable[[di
 
         rows = load_dataset(cfg.dataset, limit=cfg.dataset_limit, seed=h.seed)
         recipe = cfg.recipe_spec()
-        fmt = prompt_format(cfg)
+        fmt = resolve_format(cfg.prompt_format, cfg.model)
         dataset = Dataset.from_list([{"prompt": render_prompt(r.question, fmt, recipe.system_prompt),
                                       "gold_answers": r.gold_answers, "topic": r.topic} for r in rows])
         tokenizer = AutoTokenizer.from_pretrained(cfg.model)
@@ -380,7 +363,7 @@ def run_training(run_root: Path, resume: bool = False, on_progress: Callable[[di
             run.truncate_progress(int(checkpoint.name.split("-")[-1]))
         bar = None
         if progress_bar:
-            from tqdm import tqdm
+            from services.common.progress import progress as tqdm
 
             done = int(checkpoint.name.split("-")[-1]) if checkpoint else 0
             bar = tqdm(total=h.max_steps, initial=done, desc=f"GRPO {cfg.run_id}", unit="step")

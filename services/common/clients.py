@@ -26,7 +26,6 @@ from services.common.errors import DeadlineExceeded, KnowserveError, Unavailable
 log = logging.getLogger(__name__)
 StubT = TypeVar("StubT")
 
-DEFAULT_PORTS = {"retrieval": 50051, "verification": 50052, "reward": 50053, "generation": 50054, "training": 50055}
 
 
 class RemoteError(KnowserveError):

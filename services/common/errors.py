@@ -1,24 +1,17 @@
-"""Domain errors raised by service cores, and the gRPC status code each one maps to.
-
-Cores raise these (never grpc errors); the interceptor in :mod:`services.common.server`
-turns them into status codes. Anything else becomes INTERNAL with a generic message.
+"""Domain errors raised by service cores. They know no transport: the gRPC status each one becomes is decided in
+one place, :mod:`services.common.status` (the interceptor and the Serve deployment use it), as KServe's errors
+know nothing of gRPC. Anything else becomes INTERNAL with a generic message.
 
 >>> err = InvalidArgument("top_k", "must be between 1 and 100, got 0")
->>> str(err)
-'top_k: must be between 1 and 100, got 0'
->>> err.code.name
-'INVALID_ARGUMENT'
+>>> str(err), err.field
+('top_k: must be between 1 and 100, got 0', 'top_k')
 """
 
 from __future__ import annotations
 
-import grpc
-
 
 class KnowserveError(Exception):
-    """Base of all domain errors; ``code`` is the gRPC status it maps to."""
-
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    """Base of all domain errors (a bare one is an internal error whose message may be shown)."""
 
     def __init__(self, message: str):
         super().__init__(message)
@@ -31,7 +24,6 @@ class KnowserveError(Exception):
 class InvalidArgument(KnowserveError):
     """Bad input. The message names the offending field (``items[3].completion``) and the limit."""
 
-    code = grpc.StatusCode.INVALID_ARGUMENT
 
     def __init__(self, field: str, problem: str):
         super().__init__(f"{field}: {problem}")
@@ -42,43 +34,36 @@ class InvalidArgument(KnowserveError):
 class NotFound(KnowserveError):
     """A named thing (run, recipe, document) does not exist."""
 
-    code = grpc.StatusCode.NOT_FOUND
 
 
 class AlreadyExists(KnowserveError):
     """Creating something whose id is taken."""
 
-    code = grpc.StatusCode.ALREADY_EXISTS
 
 
 class FailedPrecondition(KnowserveError):
     """The request is valid but the system is not in a state to do it (e.g. a checkpoint that fails to load)."""
 
-    code = grpc.StatusCode.FAILED_PRECONDITION
 
 
 class Unavailable(KnowserveError):
     """The service or one it depends on cannot answer now; the message names the cause. Retrying may help."""
 
-    code = grpc.StatusCode.UNAVAILABLE
 
 
 class ResourceExhausted(KnowserveError):
     """A capacity limit (queue, batch, memory) is reached."""
 
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 class DeadlineExceeded(KnowserveError):
     """The request's deadline passed before the work finished."""
 
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 class Unauthenticated(KnowserveError):
     """Missing or wrong bearer token."""
 
-    code = grpc.StatusCode.UNAUTHENTICATED
 
 
 def check_text(field: str, value: str, *, max_bytes: int, allow_empty: bool = False) -> str:

@@ -25,7 +25,6 @@ import asyncio
 import hmac
 import logging
 import signal
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,13 +35,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common import metrics
-from services.common.errors import InvalidArgument, KnowserveError, Unauthenticated
+from services.common.errors import InvalidArgument, Unauthenticated
 from services.common.settings import ServiceSettings
+from services.common.status import CallRecord, status_of
 
 log = logging.getLogger(__name__)
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
-INTERNAL_MESSAGE = "internal error; the service log has the details"
 
 
 @dataclass(frozen=True)
@@ -122,29 +121,22 @@ class _Interceptor(grpc.aio.ServerInterceptor):
             raise Unauthenticated("missing or wrong bearer token (send metadata 'authorization: Bearer <token>')")
         _check_parsed(request)
 
-    @staticmethod
-    def _status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
-        """The status code and client-facing message for ``exc``; unknown errors are logged with their trace."""
-        if isinstance(exc, KnowserveError):
-            log.info("rpc failed", extra={"code": exc.code.name, "detail": str(exc)})
-            return exc.code, str(exc)
-        if isinstance(exc, TimeoutError):
-            return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the work finished"
-        log.error("unhandled error in rpc", exc_info=exc)
-        return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
-
-    async def _abort(self, context: grpc.aio.ServicerContext, exc: Exception, record: "_CallRecord") -> None:
+    async def _abort(self, context: grpc.aio.ServicerContext, exc: Exception, record: CallRecord) -> None:
         """End the call for ``exc`` with its mapped status (an abort already under way passes through)."""
         if isinstance(exc, grpc.aio.AbortError):
             if record.code == grpc.StatusCode.OK:
                 record.code = context.code() or grpc.StatusCode.UNKNOWN
             raise exc
-        record.code, message = self._status_for(exc)
+        record.code, message = status_of(exc)
         await context.abort(record.code, message)
+
+    def _record(self, method: str) -> CallRecord:
+        return CallRecord(metrics.RPC_REQUESTS, metrics.RPC_DURATION, metrics.RPC_IN_FLIGHT, service=self.service,
+                          method=method)
 
     def _wrap_unary(self, behavior, method: str, authorized: bool):
         async def wrapped(request, context: grpc.aio.ServicerContext):
-            record = _CallRecord(self.service, method)
+            record = self._record(method)
             try:
                 self._admit(request, authorized)
                 remaining = context.time_remaining()
@@ -162,7 +154,7 @@ class _Interceptor(grpc.aio.ServerInterceptor):
 
     def _wrap_stream(self, behavior, method: str, authorized: bool):
         async def wrapped(request, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            record = _CallRecord(self.service, method)
+            record = self._record(method)
             try:
                 self._admit(request, authorized)
                 async for item in behavior(request, context):
@@ -176,21 +168,6 @@ class _Interceptor(grpc.aio.ServerInterceptor):
                 record.finish()
 
         return wrapped
-
-
-class _CallRecord:
-    """Metrics of one call: in flight while it runs, then counted by final status code and timed."""
-
-    def __init__(self, service: str, method: str):
-        self.service, self.method = service, method
-        self.code = grpc.StatusCode.OK
-        self.start = time.perf_counter()
-        metrics.RPC_IN_FLIGHT.labels(service).inc()
-
-    def finish(self) -> None:
-        metrics.RPC_IN_FLIGHT.labels(self.service).dec()
-        metrics.RPC_REQUESTS.labels(self.service, self.method, self.code.name).inc()
-        metrics.RPC_DURATION.labels(self.service, self.method).observe(time.perf_counter() - self.start)
 
 
 class GrpcServer:

@@ -8,9 +8,35 @@ from __future__ import annotations
 
 import re
 import string
+from collections.abc import Iterable
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
 _PUNCT = set(string.punctuation)
+
+
+# End-of-sequence / end-of-turn markers of the chat-model families knowserve serves or grades: ChatML (SmolLM2, Qwen),
+# GPT-2 style, Llama 3, Llama 2 / Mistral, Phi-3, Gemma. Engines stop on every one of these the tokenizer knows as a
+# single token and never put them in a completion's text (as OpenAI, vLLM and TGI return text); graders cut raw
+# text at the first one, so a caller that passes a model's raw output cannot make a right answer look wrong.
+END_MARKERS: tuple[str, ...] = ("<|im_end|>", "<|endoftext|>", "<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "</s>",
+                                "<|end|>", "<end_of_turn>", "<eos>")
+
+
+def strip_end_markers(text: str, markers: Iterable[str] = END_MARKERS) -> str:
+    """The text before the first end-of-sequence marker: what the served model's text would be.
+
+    >>> strip_end_markers("Hamlet was written by William Shakespeare.<|im_end|>")
+    'Hamlet was written by William Shakespeare.'
+    >>> strip_end_markers("<answer>Paris</answer><|eot_id|><|end_of_text|>"), strip_end_markers("no marker")
+    ('<answer>Paris</answer>', 'no marker')
+    """
+    cut = len(text)
+    for m in markers:
+        if m:
+            at = text.find(m)
+            if 0 <= at < cut:
+                cut = at
+    return text[:cut]
 
 
 def normalize_answer(text: str) -> str:

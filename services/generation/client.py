@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from knowserve.generation.v1 import generation_service_pb2 as pb
 from knowserve.generation.v1 import generation_service_pb2_grpc as pb_grpc
+from services.common.addresses import GENERATION_APP
 from services.common.clients import ClientOptions, ServiceClient
-
-PROTOCOLS = {"": pb.TOOL_PROTOCOL_UNSPECIFIED, "r1_searcher": pb.TOOL_PROTOCOL_R1_SEARCHER,
-             "search_r1": pb.TOOL_PROTOCOL_SEARCH_R1}
+from services.common.tools import enum_name
 
 
 def prompt_to_proto(prompt: str | Sequence[dict]) -> pb.Prompt:
@@ -19,10 +18,15 @@ def prompt_to_proto(prompt: str | Sequence[dict]) -> pb.Prompt:
                                                         for m in prompt]))
 
 
+# What the LLM judge, the LLM claim extractor and the LLM grader ask of the served model: (chat prompts, max_tokens)
+# -> [(text, per-token logprobs)] of greedy completions. :meth:`GenerationClient.greedy` is the implementation.
+GreedyFn = Callable[[Sequence[Sequence[dict]], int], Awaitable[list[tuple[str, list[float]]]]]
+
+
 class GenerationClient(ServiceClient[pb_grpc.GenerationServiceStub]):
     """``await GenerationClient("127.0.0.1:50054").generate(["What is the capital of France?"], max_tokens=32)``"""
 
-    def __init__(self, target: str, options: ClientOptions | None = None, app_name: str = "knowserve-generation"):
+    def __init__(self, target: str, options: ClientOptions | None = None, app_name: str = GENERATION_APP):
         options = options or ClientOptions()
         options.extra_metadata = tuple(options.extra_metadata) + (("application", app_name),)
         super().__init__("generation", target, pb_grpc.GenerationServiceStub, options)
@@ -37,7 +41,8 @@ class GenerationClient(ServiceClient[pb_grpc.GenerationServiceStub]):
         if seed is not None:
             sampling.seed = seed
         request = pb.GenerateRequest(prompts=[prompt_to_proto(p) for p in prompts], sampling=sampling,
-                                     return_logprobs=return_logprobs, tool_protocol=PROTOCOLS[tool_protocol],
+                                     return_logprobs=return_logprobs,
+                                     tool_protocol=pb.ToolProtocol.Value(enum_name(tool_protocol)),
                                      max_tool_turns=max_tool_turns, retrieval_top_k=retrieval_top_k)
         return await self.call("Generate", request, timeout=timeout)
 

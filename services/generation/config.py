@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServiceSettings
+from services.common.addresses import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, GENERATION_APP, default_target
 
 
 class GenerationSettings(ServiceSettings):
@@ -17,9 +18,11 @@ class GenerationSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="KNOWSERVE_GENERATION_", extra="ignore")
     service_name = "generation"
 
-    port: int = Field(50054, ge=0, le=65535, description="Ray Serve gRPC proxy port (the service's address).")
+    port: int = Field(DEFAULT_PORTS["generation"], ge=0, le=65535,
+                      description="Ray Serve gRPC proxy port (the service's address).")
     http_port: int = Field(8054, ge=0, le=65535, description="Ray Serve HTTP proxy port (Serve needs one).")
-    metrics_port: int | None = Field(9104, ge=0, le=65535, description="Merged /metrics of all local replicas.")
+    metrics_port: int | None = Field(DEFAULT_METRICS_PORTS["generation"], ge=0, le=65535,
+                                     description="Merged /metrics of all local replicas.")
     metrics_dir: Path = Field(Path(".knowserve/generation-metrics"),
                               description="prometheus_client multiprocess folder shared by the local replicas.")
 
@@ -32,7 +35,7 @@ class GenerationSettings(ServiceSettings):
     initial_version: int = Field(1, ge=0, description="Weight version reported before the first swap.")
     checkpoint_root: Path = Field(Path(".knowserve/checkpoints"),
                                   description="UpdateWeights only loads checkpoints under this folder.")
-    retrieval_target: str = Field("127.0.0.1:50051", description="Retrieval service for tool protocols.")
+    retrieval_target: str = Field(default_target("retrieval"), description="Retrieval service for tool protocols.")
 
     replicas: int = Field(1, ge=1, description="Serve replicas of the generation deployment.")
     replica_num_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves per replica.")
@@ -43,7 +46,8 @@ class GenerationSettings(ServiceSettings):
     dashboard_host: str = Field("127.0.0.1", description="Host of the Ray dashboard (Serve's REST API); the "
                                 "head service on KubeRay, where a replica may run on a worker pod.")
     dashboard_port: int = Field(8265, ge=1, le=65535, description="Ray dashboard (Serve's REST deploy API).")
-    app_name: str = Field("knowserve-generation")
+    app_name: str = Field(GENERATION_APP, description="Serve application name (clients send it as the "
+                          "`application` metadata).")
     swap_timeout_seconds: float = Field(300.0, gt=0)
     rollout_fraction: float = Field(
         1.0, gt=0, le=1, description="Fraction of replicas Serve updates at a time (its rolling_update_percentage). "

@@ -25,33 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.common.errors import FailedPrecondition, InvalidArgument, check_text
-from services.generation.engine import LENGTH, STOP, Engine, EngineOutput, Sampling
+from services.common.tools import NAMES as TOOL_NAMES, TOOL_PROTOCOLS, ToolProtocol
+from services.generation.engine import LENGTH, STOP, Engine, EngineOutput, Sampling, completion_text
 
 TOOL_TURNS = "tool_turns"  # finish reason: the tool-turn budget ran out while the model was still searching
 CHAT_ROLES = ("system", "user", "assistant", "tool")
-
-
-@dataclass(frozen=True)
-class ToolProtocol:
-    name: str
-    query_open: str
-    query_close: str
-    docs_open: str
-    docs_close: str
-
-    def format_documents(self, passages) -> str:
-        if self.name == "search_r1":
-            body = "\n".join(f"Doc {i}(Title: {p.title}) {p.text}" for i, p in enumerate(passages, 1))
-        else:
-            body = "\n".join(f"({i}) {p.title}: {p.text}" for i, p in enumerate(passages, 1))
-        return f"\n{self.docs_open}\n{body}\n{self.docs_close}\n"
-
-
-TOOL_PROTOCOLS = {
-    "r1_searcher": ToolProtocol("r1_searcher", "<|begin_of_query|>", "<|end_of_query|>", "<|begin_of_documents|>",
-                                "<|end_of_documents|>"),
-    "search_r1": ToolProtocol("search_r1", "<search>", "</search>", "<information>", "</information>"),
-}
 
 
 @dataclass
@@ -70,7 +48,7 @@ class GenerateParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     return_logprobs: bool = False
-    tool_protocol: str = ""  # "", "r1_searcher", "search_r1"
+    tool_protocol: str = ""  # "" or a name of services.common.tools.TOOL_PROTOCOLS
     max_tool_turns: int = 0  # 0 = the settings' default when a protocol is on
     retrieval_top_k: int = 0
 
@@ -223,7 +201,7 @@ class GenerationCore:
         if p.tool_protocol:
             if p.tool_protocol not in TOOL_PROTOCOLS:
                 raise InvalidArgument("tool_protocol", f"unknown tool protocol {p.tool_protocol!r}; "
-                                      f"use one of {sorted(TOOL_PROTOCOLS)}")
+                                      f"use one of {TOOL_NAMES}")
             if self.search is None:
                 raise FailedPrecondition("tool protocols need the retrieval service: set "
                                          "KNOWSERVE_GENERATION_RETRIEVAL_TARGET")
@@ -280,14 +258,14 @@ class GenerationCore:
                 else:
                     s.finish(STOP if o.finish_reason == STOP else LENGTH)
             if asking:
-                queries = [_last_query(engine.decode(s.model_tokens_since_docs()), protocol) for s in asking]
+                queries = [protocol.last_query(engine.decode(s.model_tokens_since_docs())) for s in asking]
                 results = await self.search(queries, p.retrieval_top_k)
                 for s, docs in zip(asking, results):
                     s.add(engine.encode(protocol.format_documents(docs)), None, model=False)
                     s.tool_turns += 1
         out = []
         for (i, k), s in zip(samples, states):
-            out.append(Completion(i, k, engine.decode(s.token_ids), s.token_ids,
+            out.append(Completion(i, k, completion_text(engine, s.token_ids), s.token_ids,
                                   s.logprobs if p.return_logprobs else [], s.env_mask, s.finish_reason or LENGTH,
                                   prompt_ids[i], weights.version, s.tool_turns))
         return out
@@ -311,12 +289,12 @@ class GenerationCore:
         emitted, shown = 0, ""
         async for item in _iterate_in_thread(stream_tokens(engine, ids, sampling)):
             if isinstance(item, EngineOutput):  # the end: whatever is left, and the totals
-                tail = engine.decode(item.token_ids)[len(shown):]
+                tail = completion_text(engine, item.token_ids)[len(shown):]
                 yield StreamDelta(tail, item.token_ids[emitted:], item.logprobs if p.return_logprobs else [],
                                   item.finish_reason, weights.version, len(ids), len(item.token_ids))
                 return
             sent.append(item)
-            text = engine.decode(sent)
+            text = completion_text(engine, sent)
             if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
                 continue
             delta, shown = text[len(shown):], text
@@ -349,11 +327,6 @@ async def _iterate_in_thread(gen):
     sentinel = object()
     while (item := await asyncio.to_thread(next, gen, sentinel)) is not sentinel:
         yield item
-
-
-def _last_query(text: str, protocol: ToolProtocol) -> str:
-    body = text.rsplit(protocol.query_open, 1)[-1]
-    return body.split(protocol.query_close, 1)[0].strip() or text.strip()[-200:]
 
 
 @dataclass

@@ -63,14 +63,6 @@ def _app(s: GenerationSettings) -> dict:
     return (_client(s).get_serve_details().get("applications") or {}).get(s.app_name) or {}
 
 
-def app_status(s: GenerationSettings) -> tuple[str, dict]:
-    """(application status, deployment statuses) from Serve's REST API."""
-    app = _app(s)
-    if not app:
-        return "NOT_DEPLOYED", {}
-    return app.get("status", "?"), {n: d.get("status") for n, d in (app.get("deployments") or {}).items()}
-
-
 def wait_running(s: GenerationSettings, timeout: float, deployed_after: float = 0.0) -> None:
     """Wait until the application runs a config deployed after ``deployed_after`` (Serve's
     ``last_deployed_time_s``) with every deployment HEALTHY, i.e. every replica has applied it."""

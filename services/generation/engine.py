@@ -10,6 +10,13 @@ temperature / top-k / top-p with transformers' own warpers and then draws by inv
 row, :func:`sample_inverse_cdf`) inside a logits processor, and lets ``generate`` take the argmax of the result:
 the same distribution at ~1/20 of the cost (measured in ``benchmarks/generation.py``).
 
+**End of sequence.** An engine stops on every end-of-sequence id of the model (:func:`end_token_ids`: the
+tokenizer's EOS, the generation config's EOS ids, and the end-of-turn markers of
+:data:`services.common.text.END_MARKERS` it knows as single tokens). ``token_ids`` and ``logprobs`` keep every
+sampled token, the end marker included (a GRPO trainer needs them); the **text** never holds an end marker
+(:func:`completion_text`, the one rule both engines and the tool loop use), as OpenAI, vLLM and TGI return it.
+Other special tokens (tool tags the model writes) stay in the text: decoding keeps special tokens.
+
 Logprobs are the model's own log-probabilities of the chosen tokens (log-softmax of the raw logits, before
 temperature / top-p), which is what a GRPO trainer compares its policy against. They are computed only when a
 request asks for them.
@@ -20,7 +27,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -95,12 +102,13 @@ class EngineOutput:
     logprobs: list[float]
     finish_reason: str  # STOP (eos or a stop string) or LENGTH
     stop_string: str | None = None  # the stop string that ended it, kept in token_ids/text
-    text: str = ""
+    text: str = ""  # completion_text(token_ids): no end-of-sequence marker
 
 
 class Engine(Protocol):
     name: str
     max_model_len: int
+    end_ids: frozenset[int]  # token ids that end a sequence (never in a completion's text)
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -111,13 +119,35 @@ class Engine(Protocol):
     def generate(self, prompts: Sequence[Sequence[int]], sampling: Sequence[Sampling]) -> list[EngineOutput]: ...
 
 
-@dataclass
-class LoadedModel:
-    model: object
-    tokenizer: object
-    path: str
-    architecture: str
-    config: dict = field(default_factory=dict)
+def end_token_ids(tokenizer, generation_config=None) -> frozenset[int]:
+    """Token ids that end a sequence: the tokenizer's EOS, the generation config's EOS id(s) (a chat model may list
+    several), and every end marker of :data:`~services.common.text.END_MARKERS` the tokenizer has as one token.
+
+    >>> class Tok:  # SmolLM2-135M-Instruct: <|endoftext|> = 0, <|im_end|> = 2 (its EOS)
+    ...     eos_token_id = 2
+    ...     def get_added_vocab(self): return {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
+    >>> sorted(end_token_ids(Tok()))
+    [0, 2]
+    """
+    from services.common.text import END_MARKERS
+
+    ids: set[int] = set()
+    for source in (tokenizer, generation_config):
+        eos = getattr(source, "eos_token_id", None)
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif eos:
+            ids.update(int(x) for x in eos)
+    added = tokenizer.get_added_vocab() if hasattr(tokenizer, "get_added_vocab") else {}
+    ids.update(added[m] for m in END_MARKERS if m in added)
+    return frozenset(ids)
+
+
+def completion_text(engine: "Engine", token_ids: Sequence[int]) -> str:
+    """The text of a completion: its tokens decoded without the end-of-sequence markers (they stay in
+    ``token_ids``). Shared by both engines, the tool loop and the stream."""
+    end = engine.end_ids
+    return engine.decode([t for t in token_ids if t not in end])
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -174,6 +204,7 @@ class TransformersEngine:
         self.device = device
         self.max_model_len = min(max_model_len, int(getattr(model.config, "max_position_embeddings", max_model_len)))
         self.architecture = (model.config.architectures or [type(model).__name__])[0]
+        self.end_ids = end_token_ids(tokenizer, getattr(model, "generation_config", None))
         self.tokenizer_fingerprint = ""  # set by from_path
         self._lock = threading.Lock()
 
@@ -235,7 +266,7 @@ class TransformersEngine:
 
         # greedy decoding in generate(); sampling happens in _SampleProcessor (see the module docstring)
         kwargs = dict(max_new_tokens=s.max_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
-                      pad_token_id=pad, eos_token_id=tok.eos_token_id, output_logits=s.logprobs,
+                      pad_token_id=pad, eos_token_id=sorted(self.end_ids), output_logits=s.logprobs,
                       return_dict_in_generate=True)
         if s.temperature > 0:
             kwargs["logits_processor"] = LogitsProcessorList([_SampleProcessor(s, self.device)])
@@ -259,11 +290,11 @@ class TransformersEngine:
             finish, stop_string = LENGTH, None
             for t in range(new.shape[1]):
                 tid = int(new[r, t])
-                if tid == pad and tid != tok.eos_token_id:
+                if tid == pad and tid not in self.end_ids:
                     break
                 token_ids.append(tid)
                 logprobs.append(float(logps[r, t]) if logps is not None else math.nan)
-                if tid == tok.eos_token_id:
+                if tid in self.end_ids:
                     finish = STOP
                     break
                 if s.stop:
@@ -272,7 +303,7 @@ class TransformersEngine:
                     if hit:
                         finish, stop_string = STOP, hit
                         break
-            outputs.append(EngineOutput(token_ids, logprobs, finish, stop_string, self.decode(token_ids)))
+            outputs.append(EngineOutput(token_ids, logprobs, finish, stop_string, completion_text(self, token_ids)))
         return outputs
 
 

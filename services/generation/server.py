@@ -22,10 +22,10 @@ import os
 import time
 from typing import Any
 
-import grpc
 
 from knowserve.generation.v1 import generation_service_pb2 as pb
 from services.common.errors import FailedPrecondition, InvalidArgument, KnowserveError
+from services.common.status import CallRecord, status_of
 
 log = logging.getLogger(__name__)
 
@@ -35,40 +35,24 @@ SERVICER_FUNCTIONS = [
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 ]
 _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "tool_turns": pb.FINISH_REASON_TOOL_TURNS}
-_PROTOCOLS = {pb.TOOL_PROTOCOL_UNSPECIFIED: "", pb.TOOL_PROTOCOL_R1_SEARCHER: "r1_searcher",
-              pb.TOOL_PROTOCOL_SEARCH_R1: "search_r1"}
 
 
-def _fail(grpc_context, exc: Exception, empty):
-    """Set the status of a failed call on Serve's gRPC context; unknown errors are INTERNAL without details."""
-    if isinstance(exc, KnowserveError):
-        code, details = exc.code, str(exc)
-    else:
-        log.exception("unhandled error in generation", exc_info=exc)
-        code, details = grpc.StatusCode.INTERNAL, "internal error; see the generation replica's log"
+def _fail(grpc_context, exc: Exception, empty, record: CallRecord | None = None):
+    """Set a failed call's status on Serve's gRPC context (the shared mapping, :func:`status_of`)."""
+    code, details = status_of(exc)
+    if record is not None:
+        record.code = code
     if grpc_context is not None:
         grpc_context.set_code(code)
         grpc_context.set_details(details)
     return empty
 
 
-class _Timed:
-    """Count and time one RPC into the generation metrics (status code from the gRPC context)."""
+def _timed(method: str) -> CallRecord:
+    """Count and time one RPC into the generation metrics (the shared :class:`CallRecord`)."""
+    from services.generation import metrics as m
 
-    def __init__(self, method: str, grpc_context):
-        self.method, self.ctx = method, grpc_context
-
-    def __enter__(self):
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        from services.generation import metrics as m
-
-        code = self.ctx.code() if self.ctx is not None and self.ctx.code() is not None else grpc.StatusCode.OK
-        m.REQUESTS.labels(self.method, code.name).inc()
-        m.REQUEST_SECONDS.labels(self.method).observe(time.perf_counter() - self.start)
-        return False
+    return CallRecord(m.REQUESTS, m.REQUEST_SECONDS, method=method)
 
 
 def prompts_from_proto(request: pb.GenerateRequest):
@@ -89,13 +73,17 @@ def prompts_from_proto(request: pb.GenerateRequest):
 def params_from_proto(request: pb.GenerateRequest):
     from services.generation.core import GenerateParams
 
+    from services.common.tools import from_enum_name
+
     s = request.sampling
-    if request.tool_protocol not in _PROTOCOLS:
-        raise InvalidArgument("tool_protocol", f"unknown tool protocol enum value {request.tool_protocol}")
+    try:
+        tool_protocol = from_enum_name(pb.ToolProtocol.Name(request.tool_protocol))
+    except ValueError:
+        raise InvalidArgument("tool_protocol", f"unknown tool protocol enum value {request.tool_protocol}") from None
     return GenerateParams(
         temperature=s.temperature, top_p=s.top_p or 1.0, top_k=s.top_k, max_tokens=s.max_tokens, n=s.n or 1,
         stop=tuple(s.stop), seed=s.seed if s.HasField("seed") else None, return_logprobs=request.return_logprobs,
-        tool_protocol=_PROTOCOLS[request.tool_protocol], max_tool_turns=request.max_tool_turns,
+        tool_protocol=tool_protocol, max_tool_turns=request.max_tool_turns,
         retrieval_top_k=request.retrieval_top_k)
 
 
@@ -183,11 +171,11 @@ class GenerationDeployment:
     async def Generate(self, request: pb.GenerateRequest, grpc_context=None) -> pb.GenerateResponse:
         from services.generation import metrics as m
 
-        with _Timed("Generate", grpc_context):
+        with _timed("Generate") as record:
             try:
                 completions = await self.core.generate(prompts_from_proto(request), params_from_proto(request))
             except Exception as e:  # noqa: BLE001 - mapped to a status code
-                return _fail(grpc_context, e, pb.GenerateResponse())
+                return _fail(grpc_context, e, pb.GenerateResponse(), record)
         for c in completions:
             m.TOKENS.labels("model").inc(c.completion_tokens)
             m.TOKENS.labels("tool").inc(c.tool_tokens)
@@ -231,7 +219,8 @@ class GenerationDeployment:
             model_name=os.path.basename(str(self.settings.model_path or "SmolLM2-135M-Instruct")),
             architecture=getattr(w.engine, "architecture", ""), engine=w.engine.name, weight_version=w.version,
             checkpoint_uri=w.checkpoint_uri, max_model_len=w.engine.max_model_len,
-            max_tokens_limit=self.settings.max_tokens_limit, replicas=self.settings.replicas)
+            max_tokens_limit=self.settings.max_tokens_limit, replicas=self.settings.replicas,
+            end_of_sequence_tokens=[w.engine.decode([t]) for t in sorted(w.engine.end_ids)])
 
     async def UpdateWeights(self, request: pb.UpdateWeightsRequest, grpc_context=None) -> pb.UpdateWeightsResponse:
         from services.generation import metrics as m

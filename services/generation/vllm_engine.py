@@ -15,7 +15,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from services.generation.engine import LENGTH, STOP, EngineOutput, Sampling
+from services.generation.engine import LENGTH, STOP, EngineOutput, Sampling, completion_text, end_token_ids
 
 
 class VllmEngine:
@@ -28,6 +28,7 @@ class VllmEngine:
         self.llm = LLM(model=self.path, dtype=dtype, max_model_len=max_model_len, enforce_eager=True,
                        **llm_kwargs)
         self.tokenizer = self.llm.get_tokenizer()
+        self.end_ids = end_token_ids(self.tokenizer, _generation_config(self.path))
         config = self.llm.llm_engine.model_config.hf_config
         self.architecture = (getattr(config, "architectures", None) or ["?"])[0]
         self.max_model_len = max_model_len
@@ -52,7 +53,8 @@ class VllmEngine:
         params = [SamplingParams(
             temperature=max(s.temperature, 0.0), top_p=s.top_p, top_k=s.top_k if s.top_k > 0 else -1,
             max_tokens=s.max_tokens, stop=list(s.stop) or None, include_stop_str_in_output=True, seed=s.seed,
-            logprobs=0 if s.logprobs else None, skip_special_tokens=False) for s in sampling]
+            logprobs=0 if s.logprobs else None, skip_special_tokens=False, stop_token_ids=sorted(self.end_ids))
+            for s in sampling]
         with self._lock:
             results = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
                                         use_tqdm=False)
@@ -64,12 +66,22 @@ class VllmEngine:
                         if o.logprobs else [math.nan] * len(ids))
             stop_string = o.stop_reason if isinstance(o.stop_reason, str) else None
             finish = STOP if o.finish_reason == "stop" else LENGTH
-            outputs.append(EngineOutput(ids, logprobs, finish, stop_string, self.decode(ids)))
+            outputs.append(EngineOutput(ids, logprobs, finish, stop_string, completion_text(self, ids)))
         return outputs
 
     def reload_weights(self, path: str | Path) -> None:
         """Load new weights of the same architecture into the running engine (vLLM's ``reload_weights``)."""
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(path)})
+
+
+def _generation_config(path: str):
+    """The model folder's generation config (its EOS ids), or None when it has none."""
+    try:
+        from transformers import GenerationConfig
+
+        return GenerationConfig.from_pretrained(path)
+    except (OSError, ValueError):
+        return None
 
 
 def parity_check(model_dir: str, prompts: Sequence[str], max_tokens: int = 16) -> dict:

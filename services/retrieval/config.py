@@ -9,6 +9,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServiceSettings
+from services.common.addresses import DEFAULT_METRICS_PORTS, DEFAULT_PORTS
 
 
 class RetrievalSettings(ServiceSettings):
@@ -17,8 +18,8 @@ class RetrievalSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="KNOWSERVE_RETRIEVAL_", extra="ignore")
     service_name = "retrieval"
 
-    port: int = Field(50051, ge=0, le=65535)
-    metrics_port: int | None = Field(9101, ge=0, le=65535)
+    port: int = Field(DEFAULT_PORTS["retrieval"], ge=0, le=65535)
+    metrics_port: int | None = Field(DEFAULT_METRICS_PORTS["retrieval"], ge=0, le=65535)
 
     backend: Literal["embedded", "elasticsearch"] = Field("embedded", description="Index engine.")
     data_dir: Path = Field(Path(".knowserve/data/retrieval"), description="Embedded index folder (tantivy + dense).")

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm
+from services.common.progress import progress as tqdm
 
 from services.retrieval.core import Document, UpsertResult
 
@@ -95,8 +95,7 @@ def ingest(path: Path, upsert: Callable[[list[Document]], UpsertResult], *, batc
             report.replaced += r.documents_replaced
             batch.clear()
 
-    bar = tqdm(total=count_rows(path), unit="doc", desc=f"ingest {path.name}", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(total=count_rows(path), unit="doc", desc=f"ingest {path.name}", disable=not progress)
     with bar:
         for where, row, error in iter_rows(path):
             bar.update(1)

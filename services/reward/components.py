@@ -1,80 +1,37 @@
-"""Reward components of the seed papers as pure functions: completion text (+ gold answers) -> number.
+"""Reward components of the seed papers: pure functions with their paper's worked examples (run as doctests), and
+the **registry** that both the recipe validator (:mod:`services.reward.recipes`) and the scorer
+(:mod:`services.reward.core`) read.
 
-Each function reproduces one published rule; the docstrings show worked examples (run as doctests).
-Components that need another service (``factuality`` through verification) live in :mod:`services.reward.core`;
-their merge rules are here (:func:`knowrl_merge`).
+A component is one function and one ``@component(...)`` registration: its parameters (defaults fix their types),
+allowed choices, what it needs (gold answers; the verification or generation service, reached through
+:class:`Services`) and a description. Combiners (how component values become the total) register the same way
+with ``@combiner(...)``. Adding one touches nothing else.
 
 Sources: KnowRL (zjunlp/KnowRL ``train/reward_function``), R1-Searcher (RUCAIBox, arXiv 2503.05592 §3.2),
 Search-R1 (PeterGriffinJin/Search-R1 ``verl/utils/reward_score/qa_em*.py``), R-Tuning (arXiv 2311.09677).
+Answer matching and grading are the platform's one grader (:mod:`services.common.grading`), shared with eval.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
-from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-from services.common.text import is_refusal, normalize_answer, tagged_sections
+from services.common.errors import FailedPrecondition, Unavailable
+from services.common.grading import (CORRECT, GRADES, INCORRECT, MISSING, NOT_ATTEMPTED, GradeOptions, answer_f1,
+                                     cover_exact_match, exact_match, grade, last_answer)
+from services.common.text import tagged_sections
+from services.common.tools import TOOL_PROTOCOLS
 
-# ---------------------------------------------------------------------------------------------------------------
-# Answer extraction and matching (SQuAD-style normalization, as R1-Searcher and Search-R1 use)
+if TYPE_CHECKING:
+    from services.generation.client import GreedyFn
 
+__all__ = ["CORRECT", "GRADES", "INCORRECT", "MISSING", "NOT_ATTEMPTED", "answer_f1", "cover_exact_match",
+           "exact_match", "last_answer"]
 
-def last_answer(completion: str) -> str | None:
-    """Body of the last ``<answer>…</answer>`` in the completion, stripped; None when there is none.
-
-    Only the completion is searched, so an example answer inside the prompt (Search-R1's template shows
-    ``<answer> Beijing </answer>``) never counts — Search-R1 reaches the same by requiring two matches in
-    prompt + response.
-
-    >>> last_answer("<think>x</think><answer> Paris </answer>"), last_answer("Paris")
-    ('Paris', None)
-    """
-    found = tagged_sections(completion, "answer")
-    return found[-1][0].strip() if found else None
-
-
-def exact_match(prediction: str, golds: Sequence[str]) -> float:
-    """1.0 if the normalized prediction equals any normalized gold answer (Search-R1 ``em_check``).
-
-    >>> exact_match("The Eiffel Tower", ["eiffel tower"]), exact_match("Eiffel Tower, Paris", ["Eiffel Tower"])
-    (1.0, 0.0)
-    """
-    pred = normalize_answer(prediction)
-    return float(any(pred == normalize_answer(g) for g in golds))
-
-
-def cover_exact_match(prediction: str, golds: Sequence[str]) -> float:
-    """1.0 if any normalized gold answer appears as a whole-word span of the normalized prediction (CEM).
-
-    >>> cover_exact_match("It is the Eiffel Tower in Paris", ["Eiffel Tower"]), cover_exact_match("Towering", ["tower"])
-    (1.0, 0.0)
-    """
-    pred = f" {normalize_answer(prediction)} "
-    return float(any(normalize_answer(g) and f" {normalize_answer(g)} " in pred for g in golds))
-
-
-def answer_f1(prediction: str, golds: Sequence[str]) -> float:
-    """Best token F1 between the normalized prediction and any gold answer (SQuAD / R1-Searcher answer reward).
-
-    >>> round(answer_f1("Eiffel Tower in Paris", ["Eiffel Tower"]), 4), answer_f1("yes", ["no"])
-    (0.6667, 0.0)
-    """
-    pred = normalize_answer(prediction).split()
-    best = 0.0
-    for g in golds:
-        gold = normalize_answer(g).split()
-        if not pred or not gold:
-            best = max(best, float(pred == gold))
-            continue
-        common = sum((Counter(pred) & Counter(gold)).values())
-        if common:
-            p, r = common / len(pred), common / len(gold)
-            best = max(best, 2 * p * r / (p + r))
-    return best
-
-
-MATCHERS = {"exact": exact_match, "cover": cover_exact_match}
 
 # ---------------------------------------------------------------------------------------------------------------
 # KnowRL
@@ -99,33 +56,13 @@ def format_think_answer(completion: str) -> float:
     return 1.0 if _KNOWRL_FORMAT.search(text) else -1.0
 
 
-CORRECT, INCORRECT, NOT_ATTEMPTED, MISSING = "CORRECT", "INCORRECT", "NOT_ATTEMPTED", "MISSING"
-GRADES = (CORRECT, INCORRECT, NOT_ATTEMPTED, MISSING)
 _CORRECTNESS_VALUE = {CORRECT: 2.0, INCORRECT: -1.0, NOT_ATTEMPTED: 1.0, MISSING: -1.0}
 
 
-def grade_answer(completion: str, golds: Sequence[str], match: str = "exact") -> str:
-    """SimpleQA-style grade of the ``<answer>`` section by gold-answer match: CORRECT, INCORRECT,
-    NOT_ATTEMPTED (a refusal such as "I don't know") or MISSING (no or empty ``<answer>``).
-
-    ``golds`` are aliases: matching any of them is correct.
-
-    >>> [grade_answer(c, ["Paris", "City of Paris"]) for c in
-    ...  ["<answer>paris</answer>", "<answer>Lyon</answer>", "<answer>I don't know</answer>", "Paris", "<answer> </answer>"]]
-    ['CORRECT', 'INCORRECT', 'NOT_ATTEMPTED', 'MISSING', 'MISSING']
-    """
-    answer = last_answer(completion)
-    if not answer:
-        return MISSING
-    if is_refusal(answer):
-        return NOT_ATTEMPTED
-    return CORRECT if MATCHERS[match](answer, golds) else INCORRECT
-
-
-def correctness_with_refusal(grade: str) -> float:
+def correctness_value(grade: str) -> float:
     """KnowRL correctness reward of a grade: CORRECT +2, INCORRECT −1, NOT_ATTEMPTED +1, MISSING −1.
 
-    >>> [correctness_with_refusal(g) for g in (CORRECT, INCORRECT, NOT_ATTEMPTED, MISSING)]
+    >>> [correctness_value(g) for g in (CORRECT, INCORRECT, NOT_ATTEMPTED, MISSING)]
     [2.0, -1.0, 1.0, -1.0]
     """
     return _CORRECTNESS_VALUE[grade]
@@ -146,10 +83,7 @@ def knowrl_merge(correctness: float, refusal: bool, fact_score: float | None) ->
 # ---------------------------------------------------------------------------------------------------------------
 # R1-Searcher
 
-R1_QUERY = ("<|begin_of_query|>", "<|end_of_query|>")
-R1_DOCS = ("<|begin_of_documents|>", "<|end_of_documents|>")
-_R1_EXCHANGE = re.compile(r"<\|begin_of_query\|>(.*?)<\|end_of_query\|>\s*<\|begin_of_documents\|>(.*?)"
-                          r"<\|end_of_documents\|>", re.S)
+R1 = TOOL_PROTOCOLS["r1_searcher"]
 
 
 def retrieval_exchanges(completion: str) -> int:
@@ -159,7 +93,7 @@ def retrieval_exchanges(completion: str) -> int:
     ...                     "<|begin_of_documents|>(1) Paris ...<|end_of_documents|>")
     1
     """
-    return sum(1 for m in _R1_EXCHANGE.finditer(completion) if m.group(1).strip())
+    return len(R1.exchanges(completion))
 
 
 def retrieval_used(completion: str, reward: float = 0.5) -> float:
@@ -188,12 +122,12 @@ def r1_searcher_format_problems(completion: str, golds: Sequence[str] = (), max_
     ['query/document tags unbalanced (1 queries, 0 documents)', 'expected one </think>, found 0', 'expected one <answer>, found 2']
     """
     problems = []
-    counts = [completion.count(t) for t in (*R1_QUERY, *R1_DOCS)]
+    counts = [completion.count(t) for t in R1.tags]
     if counts[0] != counts[1] or counts[2] != counts[3] or counts[0] != counts[2]:
         problems.append(f"query/document tags unbalanced ({counts[0]} queries, {counts[2]} documents)")
     if counts[0] > max_queries:
         problems.append(f"{counts[0]} queries, above {max_queries}")
-    for q in re.findall(r"<\|begin_of_query\|>(.*?)<\|end_of_query\|>", completion, re.S):
+    for q in R1.queries(completion):
         if len(q.split()) > max_query_words:
             problems.append(f"query of {len(q.split())} words, above {max_query_words}")
     n_think = completion.count("</think>")
@@ -206,7 +140,7 @@ def r1_searcher_format_problems(completion: str, golds: Sequence[str] = (), max_
         body, start = answers[-1]
         if n_think == 1 and start < completion.find("</think>"):
             problems.append("<answer> before </think>")
-        if any(t in body for t in (*R1_QUERY, *R1_DOCS)):
+        if any(t in body for t in R1.tags):
             problems.append("retrieval tags inside the answer")
         words = len(body.split())
         gold_words = max((len(g.split()) for g in golds), default=0)
@@ -236,7 +170,9 @@ def format_r1_searcher(completion: str, golds: Sequence[str] = (), stage: int = 
 # ---------------------------------------------------------------------------------------------------------------
 # Search-R1
 
-_SEARCH_R1_TAGS = re.compile(r"</?(think|search|information|answer)>")
+S1 = TOOL_PROTOCOLS["search_r1"]
+_S1_QUERY, _S1_DOCS = S1.query_open.strip("<>"), S1.docs_open.strip("<>")  # "search", "information"
+_SEARCH_R1_TAGS = re.compile(rf"</?(think|{_S1_QUERY}|{_S1_DOCS}|answer)>")
 
 
 def search_r1_valid_sequence(completion: str) -> tuple[bool, str]:
@@ -249,7 +185,7 @@ def search_r1_valid_sequence(completion: str) -> tuple[bool, str]:
     >>> search_r1_valid_sequence("<think>a</think><answer>x</answer><search>q</search>")[0]
     False
     """
-    allowed = {"think": {"search", "answer"}, "search": {"information"}, "information": {"think"}, "answer": set()}
+    allowed = {"think": {_S1_QUERY, "answer"}, _S1_QUERY: {_S1_DOCS}, _S1_DOCS: {"think"}, "answer": set()}
     state, pos, opened = "start", 0, None
     for m in _SEARCH_R1_TAGS.finditer(completion):
         tag, closing = m.group(1), m.group(0).startswith("</")
@@ -298,7 +234,7 @@ def search_r1_format(completion: str, golds: Sequence[str], structure_format_sco
     """
     valid, _ = search_r1_valid_sequence(completion)
     retrieval_correct = valid and any(
-        cover_exact_match(info, golds) for info, _ in tagged_sections(completion, "information"))
+        cover_exact_match(info, golds) for info, _ in tagged_sections(completion, _S1_DOCS))
     answer = last_answer(completion)
     if answer is not None and exact_match(answer, golds):
         return score if valid else score - structure_format_score
@@ -323,3 +259,267 @@ def refusal_aware(grade: str, correct: float = 1.0, abstain: float = 0.0, wrong:
     if grade == NOT_ATTEMPTED:
         return abstain
     return wrong
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The registry: what a recipe may name, and how each component is scored
+
+
+@dataclass
+class ScoreItem:
+    """One completion to score: its prompt, gold answers (aliases) and metadata (``topic`` goes to the verifier)."""
+
+    prompt: str = ""
+    completion: str = ""
+    gold_answers: Sequence[str] = ()
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Value:
+    """What a component says about one item; ``grade`` is set by components that grade the answer."""
+
+    value: float
+    detail: str = ""
+    applicable: bool = True
+    grade: str | None = None
+
+
+@dataclass
+class FactResult:
+    """What the verification service said about one completion's checked section."""
+
+    score: float | None  # length-penalized FActScore; None when not applicable
+    detail: str
+
+
+# (completions, section, judge, gamma, evidence_top_k, topics) -> one FactResult per completion
+FactualityFn = Callable[[list[str], str, str, float, int, list[str]], Awaitable[list[FactResult]]]
+
+
+@dataclass
+class Services:
+    """The other services remote components reach (None: not configured) and how to treat their failures."""
+
+    factuality: FactualityFn | None = None
+    llm_generate: GreedyFn | None = None
+    factuality_judge: str = ""  # the verification judge when a recipe names none
+    on_verification_unavailable: str = "fail"  # or "not_applicable"
+
+
+GOLD, VERIFICATION, GENERATION = "gold", "verification", "generation"
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """A registered component. ``score(items, services, **params) -> list[Value]`` is async and batched;
+    ``params`` are the defaults (they fix each parameter's type); ``check(params)`` returns a problem with one
+    parameter as ``(name, message)``, or None; ``grades``: its values carry the answer's grade (the answers
+    metric counts the first grading component's grade)."""
+
+    name: str
+    score: Callable[..., Awaitable[list[Value]]]
+    params: Mapping[str, Any]
+    description: str
+    needs: frozenset[str] = frozenset()
+    choices: Mapping[str, tuple] = field(default_factory=dict)
+    check: Callable[[Mapping[str, Any]], tuple[str, str] | None] | None = None
+    grades: bool = False
+
+
+COMPONENTS: dict[str, ComponentSpec] = {}
+
+
+def component(name: str, *, description: str, params: Mapping[str, Any] | None = None, needs: Sequence[str] = (),
+              choices: Mapping[str, tuple] | None = None, check=None, batch: bool = False, grades: bool = False):
+    """Register a component. A per-item function is ``fn(item, **params) -> Value`` (pure; run in a worker
+    thread); with ``batch=True`` it is ``async fn(items, services, **params) -> list[Value]`` (one call per Score
+    batch, for components that call another service)."""
+
+    def register(fn):
+        if name in COMPONENTS:
+            raise ValueError(f"reward component {name!r} is registered twice")
+        if batch:
+            score = fn
+        else:
+            async def score(items, services, **p):
+                return await asyncio.to_thread(lambda: [fn(it, **p) for it in items])
+        COMPONENTS[name] = ComponentSpec(name, score, dict(params or {}), description, frozenset(needs),
+                                         dict(choices or {}), check, grades)
+        return fn
+
+    return register
+
+
+_GRADE_CHOICES = {"match": ("exact", "cover", "contains"), "answer_from": ("answer_tag", "answer_tag_or_text")}
+
+
+@component("format_think_answer", description="KnowRL format: +1 for <think>…</think><answer>…</answer>, else -1")
+def _format_think_answer(item: ScoreItem) -> Value:
+    return Value(format_think_answer(item.completion))
+
+
+@component("correctness_with_refusal", needs=[GOLD], batch=True, grades=True,
+           params={"match": "exact", "answer_from": "answer_tag", "grader": "match"},
+           choices={**_GRADE_CHOICES, "grader": ("match", "llm")},
+           description="KnowRL correctness: CORRECT +2, INCORRECT -1, NOT_ATTEMPTED +1, missing answer -1; graded by "
+                       "gold-answer match or (grader: llm) by the generation service")
+async def _correctness(items: Sequence[ScoreItem], services: Services, *, match: str, answer_from: str,
+                       grader: str) -> list[Value]:
+    options = GradeOptions(answer_from, match)
+    grades = await asyncio.to_thread(lambda: [grade(it.completion, it.gold_answers, options=options) for it in items])
+    out = [Value(correctness_value(g), g, grade=g) for g in grades]
+    if grader == "llm":
+        if services.llm_generate is None:
+            raise FailedPrecondition("correctness grader 'llm' needs the generation service: set "
+                                     "KNOWSERVE_REWARD_GENERATION_TARGET, or use grader 'match'")
+        from services.reward.grader import grade_with_llm
+
+        asked = [i for i, g in enumerate(grades) if g != MISSING]  # no answer: MISSING stands
+        answers = [last_answer(items[i].completion) or "" for i in asked]
+        graded = await grade_with_llm(services.llm_generate, [items[i].prompt for i in asked],
+                                      [items[i].gold_answers for i in asked], answers)
+        for i, (g, raw) in zip(asked, graded):
+            out[i] = (Value(0.0, f"not applicable: grader answered {raw!r}", applicable=False) if g is None
+                      else Value(correctness_value(g), g, grade=g))
+    return out
+
+
+@component("factuality", needs=[VERIFICATION], batch=True,
+           params={"section": "think", "gamma": 10.0, "judge": "", "evidence_top_k": 0},
+           choices={"section": ("think", "answer", "all")},
+           check=lambda p: ("gamma", "must be above 0") if p["gamma"] <= 0 else None,
+           description="KnowRL factuality: FActScore (supported fraction x length penalty) from the verification "
+                       "service")
+async def _factuality(items: Sequence[ScoreItem], services: Services, *, section: str, gamma: float, judge: str,
+                      evidence_top_k: int) -> list[Value]:
+    try:
+        if services.factuality is None:
+            raise Unavailable("factuality needs the verification service: set KNOWSERVE_REWARD_VERIFICATION_TARGET")
+        facts = await services.factuality([it.completion for it in items], section, judge or services.factuality_judge,
+                                          gamma, evidence_top_k, [it.metadata.get("topic", "") for it in items])
+    except Unavailable as e:
+        if services.on_verification_unavailable == "fail":
+            raise Unavailable(f"factuality: {e}") from None
+        facts = [FactResult(None, f"not applicable: verification unavailable ({e})") for _ in items]
+    return [Value(f.score if f.score is not None else 0.0, f.detail, applicable=f.score is not None) for f in facts]
+
+
+@component("retrieval_used", params={"reward": 0.5},
+           description="R1-Searcher stage 1: +0.5 for a query/documents exchange")
+def _retrieval_used(item: ScoreItem, *, reward: float) -> Value:
+    return Value(retrieval_used(item.completion, reward), f"{retrieval_exchanges(item.completion)} exchange(s)")
+
+
+@component("format_r1_searcher", choices={"stage": (1, 2)},
+           params={"stage": 1, "bonus": 0.5, "penalty": -2.0, "max_answer_words": 10, "max_query_words": 20,
+                   "max_queries": 4},
+           description="R1-Searcher format: stage 1 +0.5 when well-formed; stage 2 0 or the penalty (-2)")
+def _format_r1_searcher(item: ScoreItem, *, stage: int, bonus: float, penalty: float, **limits: int) -> Value:
+    golds = list(item.gold_answers)
+    problems = r1_searcher_format_problems(item.completion, golds, **limits)
+    value = format_r1_searcher(item.completion, golds, stage, bonus, penalty, **limits)
+    return Value(value, "; ".join(problems) or "well-formed")
+
+
+def _answer_metric(fn: Callable[[str, Sequence[str]], float]):
+    def score(item: ScoreItem) -> Value:
+        answer = last_answer(item.completion)
+        return Value(fn(answer, list(item.gold_answers)) if answer is not None else 0.0,
+                     "no <answer>" if answer is None else "")
+
+    return score
+
+
+component("answer_f1", needs=[GOLD], description="Token F1 of the final <answer> against the gold answers")(
+    _answer_metric(answer_f1))
+component("exact_match", needs=[GOLD], description="Exact match (SQuAD normalization) of the final <answer>")(
+    _answer_metric(exact_match))
+component("cover_exact_match", needs=[GOLD], description="A gold answer appears inside the final <answer>")(
+    _answer_metric(cover_exact_match))
+
+
+@component("search_r1_format", needs=[GOLD],
+           params={"structure_format_score": 0.2, "final_format_score": 0.1, "retrieval_score": 0.1, "score": 1.0},
+           description="Search-R1 EM shaped by sequence format and retrieval")
+def _search_r1_format(item: ScoreItem, **p: float) -> Value:
+    _, why = search_r1_valid_sequence(item.completion)
+    return Value(float(search_r1_format(item.completion, list(item.gold_answers), **p)), f"sequence {why}")
+
+
+@component("refusal_aware", needs=[GOLD], choices=_GRADE_CHOICES, grades=True,
+           params={"correct": 1.0, "abstain": 0.0, "wrong": -1.0, "match": "exact", "answer_from": "answer_tag"},
+           description="R-Tuning as a reward: correct +1, abstain 0, wrong -1")
+def _refusal_aware(item: ScoreItem, *, correct: float, abstain: float, wrong: float, match: str,
+                   answer_from: str) -> Value:
+    g = grade(item.completion, item.gold_answers, options=GradeOptions(answer_from, match))
+    return Value(refusal_aware(g, correct, abstain, wrong), g, grade=g)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Combiners: component values -> the total
+
+
+@dataclass
+class ComponentValue:
+    """A component's value for one item, with its recipe weight (what ScoreResponse reports)."""
+
+    name: str
+    value: float
+    weight: float
+    applicable: bool = True
+    detail: str = ""
+    grade: str | None = None
+
+
+@dataclass(frozen=True)
+class CombinerSpec:
+    """A registered combiner: ``fn(values) -> total`` over the recipe's values (in recipe order); ``requires``
+    are the components a recipe using it must have."""
+
+    name: str
+    fn: Callable[[dict[str, ComponentValue]], float]
+    requires: tuple[str, ...]
+    description: str
+
+
+COMBINERS: dict[str, CombinerSpec] = {}
+
+
+def combiner(name: str, *, description: str, requires: Sequence[str] = ()):
+    def register(fn):
+        if name in COMBINERS:
+            raise ValueError(f"reward combiner {name!r} is registered twice")
+        COMBINERS[name] = CombinerSpec(name, fn, tuple(requires), description)
+        return fn
+
+    return register
+
+
+@combiner("sum", description="weighted sum of the applicable components")
+def combine_sum(values: dict[str, ComponentValue]) -> float:
+    """The weighted sum of the applicable values.
+
+    >>> combine_sum({"a": ComponentValue("a", 1.0, 2.0), "b": ComponentValue("b", 5.0, 1.0, applicable=False)})
+    2.0
+    """
+    return sum(v.weight * v.value for v in values.values() if v.applicable)
+
+
+@combiner("knowrl", requires=("correctness_with_refusal", "factuality"),
+          description="KnowRL: a wrong, non-refusal answer's correctness becomes -1 + its fact score; the rest add up")
+def combine_knowrl(values: dict[str, ComponentValue]) -> float:
+    """KnowRL's total: :func:`knowrl_merge` of correctness and factuality, plus the other components.
+
+    >>> v = {"correctness_with_refusal": ComponentValue("correctness_with_refusal", -1.0, 1.0, grade="INCORRECT"),
+    ...      "factuality": ComponentValue("factuality", 0.4, 1.0)}
+    >>> combine_knowrl(v)
+    -0.6
+    """
+    corr, facts = values["correctness_with_refusal"], values["factuality"]
+    refusal = corr.grade == NOT_ATTEMPTED
+    merged = knowrl_merge(corr.value, refusal, facts.weight * facts.value if facts.applicable else None)
+    used = corr.value == -1.0 and not refusal
+    facts.detail = f"{facts.detail}; {'merged into' if used else 'not used by'} correctness (knowrl)"
+    return corr.weight * merged + sum(v.weight * v.value for n, v in values.items()
+                                      if v.applicable and n not in ("correctness_with_refusal", "factuality"))

@@ -7,9 +7,13 @@ models — gold-answer matching (``grader: match``) is the default.
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from services.reward.components import CORRECT, INCORRECT, NOT_ATTEMPTED
+from services.common.grading import CORRECT, INCORRECT, NOT_ATTEMPTED
+
+if TYPE_CHECKING:
+    from services.generation.client import GreedyFn
 
 GRADER_PROMPT = (
     "Grade the predicted answer to a question against the gold target. Reply with one letter: A if it is "
@@ -17,14 +21,10 @@ GRADER_PROMPT = (
     "NOT_ATTEMPTED (it declines to answer or does not give one).\n\n"
     "Question: {question}\nGold target: {gold}\nPredicted answer: {predicted}\n\nGrade:")
 
-# (chat prompts, max_tokens) -> [(text, logprobs)], greedy: GenerationClient.greedy
-GenerateFn = Callable[[list[list[dict]], int], Awaitable[list[tuple[str, list[float]]]]]
-
-
 def parse_grade(text: str) -> str | None:
     """The grade letter the model answered (first standalone A/B/C, or the grade's name); None if neither.
 
-    >>> [parse_grade(t) for t in ("A", " B.", "C<|im_end|>", "INCORRECT", "maybe")]
+    >>> [parse_grade(t) for t in ("A", " B.", "C", "INCORRECT", "maybe")]
     ['CORRECT', 'INCORRECT', 'NOT_ATTEMPTED', 'INCORRECT', None]
     """
     upper = text.upper()
@@ -35,7 +35,7 @@ def parse_grade(text: str) -> str | None:
     return {"A": CORRECT, "B": INCORRECT, "C": NOT_ATTEMPTED}[m.group(1)] if m else None
 
 
-async def grade_with_llm(generate: GenerateFn, questions: Sequence[str], golds: Sequence[Sequence[str]],
+async def grade_with_llm(generate: GreedyFn, questions: Sequence[str], golds: Sequence[Sequence[str]],
                          answers: Sequence[str]) -> list[tuple[str | None, str]]:
     """(grade or None, the grader's raw answer) per item."""
     prompts = [[{"role": "user", "content": GRADER_PROMPT.format(question=q, gold=" / ".join(g), predicted=a)}]

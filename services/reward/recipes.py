@@ -10,56 +10,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from services.common.errors import InvalidArgument
+from services.reward.components import COMBINERS, COMPONENTS
 
 BUILTIN_DIR = Path(__file__).with_name("recipes")
-COMBINES = ("sum", "knowrl")
-
-
-@dataclass(frozen=True)
-class ComponentSpec:
-    """What a component needs: gold answers? another service? which parameters (with defaults, which fix
-    their types)?"""
-
-    needs_gold: bool
-    params: Mapping[str, Any]
-    description: str
-    remote: bool = False
-    choices: Mapping[str, tuple] = field(default_factory=dict)
-
-
-COMPONENTS: dict[str, ComponentSpec] = {
-    "format_think_answer": ComponentSpec(False, {}, "KnowRL format: +1 for <think>…</think><answer>…</answer>, else -1"),
-    "correctness_with_refusal": ComponentSpec(
-        True, {"match": "exact", "grader": "match"},
-        "KnowRL correctness: CORRECT +2, INCORRECT -1, NOT_ATTEMPTED +1, missing answer -1",
-        choices={"match": ("exact", "cover"), "grader": ("match", "llm")}),
-    "factuality": ComponentSpec(
-        False, {"section": "think", "gamma": 10.0, "judge": "", "evidence_top_k": 0},
-        "KnowRL factuality: FActScore (supported fraction x length penalty) from the verification service",
-        remote=True, choices={"section": ("think", "answer", "all")}),
-    "retrieval_used": ComponentSpec(False, {"reward": 0.5}, "R1-Searcher stage 1: +0.5 for a query/documents exchange"),
-    "format_r1_searcher": ComponentSpec(
-        False, {"stage": 1, "bonus": 0.5, "penalty": -2.0, "max_answer_words": 10, "max_query_words": 20,
-                "max_queries": 4},
-        "R1-Searcher format: stage 1 +0.5 when well-formed; stage 2 0 or the penalty (-2)",
-        choices={"stage": (1, 2)}),
-    "answer_f1": ComponentSpec(True, {}, "Token F1 of the final <answer> against the gold answers"),
-    "exact_match": ComponentSpec(True, {}, "Exact match (SQuAD normalization) of the final <answer>"),
-    "cover_exact_match": ComponentSpec(True, {}, "A gold answer appears inside the final <answer>"),
-    "search_r1_format": ComponentSpec(
-        True, {"structure_format_score": 0.2, "final_format_score": 0.1, "retrieval_score": 0.1, "score": 1.0},
-        "Search-R1 EM shaped by sequence format and retrieval"),
-    "refusal_aware": ComponentSpec(
-        True, {"correct": 1.0, "abstain": 0.0, "wrong": -1.0, "match": "exact"},
-        "R-Tuning as a reward: correct +1, abstain 0, wrong -1", choices={"match": ("exact", "cover")}),
-}
 
 
 @dataclass(frozen=True)
@@ -79,10 +39,6 @@ class Recipe:
 
     def component(self, name: str) -> RecipeComponent | None:
         return next((c for c in self.components if c.name == name), None)
-
-    @property
-    def needs_gold(self) -> bool:
-        return any(COMPONENTS[c.name].needs_gold for c in self.components)
 
 
 def _coerce(field_name: str, value: Any, default: Any) -> Any:
@@ -127,8 +83,8 @@ def build_recipe(data: Mapping[str, Any], where: str = "recipe", max_components:
     if not version:
         raise InvalidArgument(f"{where}.version", "a recipe needs a version (e.g. \"1.0.0\")")
     combine = str(data.get("combine") or "sum")
-    if combine not in COMBINES:
-        raise InvalidArgument(f"{where}.combine", f"unknown combine {combine!r}; use one of {COMBINES}")
+    if combine not in COMBINERS:
+        raise InvalidArgument(f"{where}.combine", f"unknown combine {combine!r}; use one of {sorted(COMBINERS)}")
     raw = data.get("components") or []
     if not raw:
         raise InvalidArgument(f"{where}.components", "a recipe needs at least one component")
@@ -155,15 +111,15 @@ def build_recipe(data: Mapping[str, Any], where: str = "recipe", max_components:
         for k, allowed in spec.choices.items():
             if params[k] not in allowed:
                 raise InvalidArgument(f"{at}.params.{k}", f"must be one of {allowed}, got {params[k]!r}")
-        if cname == "factuality" and params["gamma"] <= 0:
-            raise InvalidArgument(f"{at}.params.gamma", "must be above 0")
+        problem = spec.check(params) if spec.check else None
+        if problem:
+            raise InvalidArgument(f"{at}.params.{problem[0]}", problem[1])
         components.append(RecipeComponent(cname, weight, params))
     recipe = Recipe(name, version, tuple(components), combine, str(data.get("description") or ""))
-    if combine == "knowrl":
-        missing = [n for n in ("correctness_with_refusal", "factuality") if recipe.component(n) is None]
-        if missing:
-            raise InvalidArgument(f"{where}.combine", f"combine 'knowrl' merges correctness and factuality; add "
-                                  f"component(s) {missing} or use combine 'sum'")
+    missing = [n for n in COMBINERS[combine].requires if recipe.component(n) is None]
+    if missing:
+        raise InvalidArgument(f"{where}.combine", f"combine {combine!r} ({COMBINERS[combine].description}) needs "
+                              f"component(s) {missing}; add them or use combine 'sum'")
     return recipe
 
 

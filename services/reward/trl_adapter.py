@@ -110,7 +110,7 @@ class KnowserveRewards:
         if not self.target:
             _, scores = await backend.core.score(self.recipe_name, self.recipe_spec, items)
             return scores
-        from services.reward.core import ComponentValue
+        from services.reward.components import ComponentValue
 
         spec = self._spec_proto
         reply = await backend.score("" if spec is not None else self.recipe_name, items, recipe_spec=spec)

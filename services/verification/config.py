@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServiceSettings
+from services.common.addresses import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, GENERATION_APP, default_target
 
 
 class VerificationSettings(ServiceSettings):
@@ -17,20 +18,22 @@ class VerificationSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="KNOWSERVE_VERIFICATION_", extra="ignore")
     service_name = "verification"
 
-    port: int = Field(50052, ge=0, le=65535)
-    metrics_port: int | None = Field(9102, ge=0, le=65535)
+    port: int = Field(DEFAULT_PORTS["verification"], ge=0, le=65535)
+    metrics_port: int | None = Field(DEFAULT_METRICS_PORTS["verification"], ge=0, le=65535)
 
-    retrieval_target: str = Field("127.0.0.1:50051", description="host:port of the retrieval service (evidence).")
+    retrieval_target: str = Field(default_target("retrieval"),
+                                  description="host:port of the retrieval service (evidence).")
     retrieval_timeout_seconds: float = Field(30.0, gt=0)
     retrieval_retries: int = Field(4, ge=0, description="Retries on UNAVAILABLE before the call fails.")
     retrieval_mode: Literal["", "bm25", "dense", "hybrid"] = Field(
         "", description="Search mode for evidence; empty uses the retrieval service's default."
     )
     default_judge: Literal["lexical", "nli", "llm"] = Field("lexical", description="Judge when a request names none.")
-    generation_target: str = Field("127.0.0.1:50054", description="Generation service for the llm judge and "
+    generation_target: str = Field(default_target("generation"), description="Generation service for the llm judge and "
                                    "extractor; empty disables both.")
-    generation_app_name: str = Field("knowserve-generation", description="Its Serve application name.")
+    generation_app_name: str = Field(GENERATION_APP, description="Its Serve application name.")
     generation_timeout_seconds: float = Field(300.0, gt=0)
+    generation_retries: int = Field(4, ge=0, description="Retries on UNAVAILABLE of generation calls.")
     llm_extract_max_tokens: int = Field(128, ge=8, description="Tokens the LLM extractor may write per sentence.")
     nli_model_path: Path = Field(
         Path(".knowserve/models/verifier"), description="Folder made by `knowserve train-verifier`."

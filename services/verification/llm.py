@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from services.retrieval.core import Passage
 from services.verification.claims import Claim, split_claims
 from services.verification.judges import NOT_ENOUGH_INFO, REFUTED, SUPPORTED, Verdict
 
-# (chat prompts, max_tokens) -> [(text, logprobs)] ; greedy
-GenerateFn = Callable[[list[list[dict]], int], Awaitable[list[tuple[str, list[float]]]]]
+if TYPE_CHECKING:
+    from services.generation.client import GreedyFn
 
 JUDGE_PROMPT = ("Evidence:\n{evidence}\n\nClaim: {claim}\n\nIs the claim supported by the evidence? "
                 "Answer with one word, Yes or No.")
@@ -28,7 +29,7 @@ EXTRACT_PROMPT = ("Please breakdown the following sentence into independent fact
 def read_yes_no(text: str, logprobs: Sequence[float]) -> tuple[str, float]:
     """Label and probability from the model's first answer token.
 
-    >>> read_yes_no("Yes<|im_end|>", [-0.105])
+    >>> read_yes_no("Yes", [-0.105])
     ('SUPPORTED', 0.9003)
     >>> read_yes_no(" no", [-0.5]), read_yes_no("Maybe", [-0.1])
     (('REFUTED', 0.6065), ('NOT_ENOUGH_INFO', 0.0))
@@ -48,7 +49,7 @@ class LlmJudge:
     description = ("Asks the generation service a yes/no question per claim with its evidence and reads the "
                    "first token's probability. WEAK with small models: compare with it, do not decide by it.")
 
-    def __init__(self, generate: GenerateFn, max_evidence_chars: int = 1500):
+    def __init__(self, generate: GreedyFn, max_evidence_chars: int = 1500):
         self.generate = generate
         self.max_evidence_chars = max_evidence_chars
 
@@ -78,7 +79,7 @@ def parse_facts(text: str) -> list[str]:
     return [m.group(1).strip() for m in re.finditer(r"^\s*[-*•]\s+(.+)$", text, re.M) if m.group(1).strip()]
 
 
-async def llm_extract(generate: GenerateFn, text: str, offset: int = 0, max_tokens: int = 128) -> list[Claim]:
+async def llm_extract(generate: GreedyFn, text: str, offset: int = 0, max_tokens: int = 128) -> list[Claim]:
     """FActScore-style atomic facts per sentence; a fact found verbatim in the text keeps its span, others get
     the span of the sentence it came from. A sentence the model returns no facts for is kept whole."""
     sentences = split_claims(text, offset)

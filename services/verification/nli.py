@@ -239,7 +239,7 @@ def _device(name: str):
 def train_verifier(cfg: TrainVerifierConfig, progress: bool = True) -> TrainVerifierReport:
     """Fine-tune the cross-encoder; returns the held-out report (also written next to the weights)."""
     import torch
-    from tqdm.auto import tqdm
+    from services.common.progress import progress as tqdm
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
 
     from services.retrieval.encoder import default_encoder_path

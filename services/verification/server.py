@@ -92,7 +92,7 @@ class VerificationApp(ServiceApp):
             from services.verification.llm import LlmJudge
 
             self.generation = GenerationClient(s.generation_target, ClientOptions(
-                timeout_seconds=s.generation_timeout_seconds, retries=s.retrieval_retries), s.generation_app_name)
+                timeout_seconds=s.generation_timeout_seconds, retries=s.generation_retries), s.generation_app_name)
             llm_generate = self.generation.greedy
             judges["llm"] = LlmJudge(llm_generate)
         else:

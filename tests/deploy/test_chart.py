@@ -6,7 +6,6 @@ no schema covers (the RayService's serveConfigV2, env names, security settings) 
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 
 import pytest
 import yaml

@@ -10,10 +10,11 @@ import subprocess
 
 import pytest
 
+from services.common.addresses import DEFAULT_PORTS
 from tests.conftest import ROOT
 
 DOCKERFILE = ROOT / "deploy/docker/Dockerfile"
-SERVICES = {"retrieval": 50051, "verification": 50052, "reward": 50053, "generation": 50054, "training": 50055}
+SERVICES = DEFAULT_PORTS
 TARGETS = {**{s: s for s in SERVICES}, "generation-gpu": "generation", "training-gpu": "training"}
 
 

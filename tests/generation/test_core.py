@@ -70,9 +70,10 @@ async def test_tool_loop_inserts_retrieved_documents_and_masks_exactly_them(star
     inserted = protocol.format_documents(docs)
     prompt = "Question: Where is the Eiffel Tower?\nAnswer:"
     model_turn_1 = f" {protocol.query_open}{query}{protocol.query_close}"
-    model_turn_2 = "<answer>Paris</answer><|im_end|>"
+    model_turn_2 = "<answer>Paris</answer>"
+    eos = "<|im_end|>"  # the chat model's end of turn: in token_ids, never in the text
     # a tiny model taught this exact transcript, so greedy decoding reproduces it
-    taught = await asyncio.to_thread(teach, tiny_model, [prompt + model_turn_1 + inserted + model_turn_2],
+    taught = await asyncio.to_thread(teach, tiny_model, [prompt + model_turn_1 + inserted + model_turn_2 + eos],
                                      tmp_path / "taught", 200)
 
     async def search(queries, top_k):
@@ -85,7 +86,9 @@ async def test_tool_loop_inserts_retrieved_documents_and_masks_exactly_them(star
     tool_part = engine.decode([t for t, m in zip(c.token_ids, c.env_mask) if m == 0])
     model_part = engine.decode([t for t, m in zip(c.token_ids, c.env_mask) if m == 1])
     assert tool_part == inserted  # exactly the inserted documents are masked out
-    assert model_part == model_turn_1 + model_turn_2 and c.tool_turns == 1
+    assert model_part == model_turn_1 + model_turn_2 + eos and c.tool_turns == 1
+    assert c.text == model_turn_1 + inserted + model_turn_2  # what the service returns: no end marker
+    assert c.token_ids[-1] in engine.end_ids
     assert c.tool_tokens == len(engine.encode(inserted)) and c.completion_tokens == sum(c.env_mask)
     assert c.finish_reason == "stop"
 

@@ -27,7 +27,7 @@ async def test_llm_grader_decides_correctness(start_reward, serve_generation):
     cases = {"Warsaw, Poland": "A", "Berlin": "B"}
     engine = await asyncio.to_thread(TransformersEngine.from_path, root / "v1", 512)
     pairs = [(engine.apply_chat_template([{"role": "user", "content": GRADER_PROMPT.format(
-        question=question, gold="Warsaw", predicted=answer)}]), engine.encode(letter + "<|im_end|>"))
+        question=question, gold="Warsaw", predicted=answer)}]), engine.encode(letter) + [engine.tokenizer.eos_token_id])
         for answer, letter in cases.items()]
     taught = root / "llm-grader"
     await asyncio.to_thread(teach_answers, root / "v1", pairs, taught, 120)

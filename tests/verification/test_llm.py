@@ -35,12 +35,17 @@ async def test_llm_judge_reads_yes_no_from_the_served_model(start_retrieval, sta
         passages = (await retrieval.client.search([claim], top_k=1))[0]
         evidence = "\n".join(f"[{p.title}] {p.text}" for p in passages)
         chat = [{"role": "user", "content": JUDGE_PROMPT.format(evidence=evidence, claim=claim)}]
-        pairs.append((engine.apply_chat_template(chat), engine.encode(answer + "<|im_end|>")))
+        pairs.append((engine.apply_chat_template(chat), engine.encode(answer) + [engine.tokenizer.eos_token_id]))
     taught = root / "llm-judge"
     await asyncio.to_thread(teach_answers, root / "v1", pairs, taught, 120)
     async with GenerationClient(target, app_name=SERVE_APP) as gen:
         info = await gen.model_info()
         await gen.update_weights(str(taught), info.weight_version + 1)
+        # what the served model returns to the judge: the word, without the end-of-turn token it wrote
+        served = await gen.greedy([[{"role": "user", "content": JUDGE_PROMPT.format(
+            evidence="\n".join(f"[{p.title}] {p.text}" for p in (await retrieval.client.search([c], top_k=1))[0]),
+            claim=c)}] for c in claims], 2)
+        assert [t for t, _ in served] == list(claims.values())
 
     v = await start_verification(retrieval_target=retrieval.server.address, generation_target=target,
                                  generation_app_name=SERVE_APP, llm_extract_max_tokens=32)

@@ -1,0 +1,184 @@
+"""Answer grading: the one rule by which the reward service and ``knowserve eval`` decide whether an answer is right.
+
+SimpleQA's grades — ``CORRECT``, ``INCORRECT`` (an attempted, wrong answer: a hallucination), ``NOT_ATTEMPTED`` (a
+refusal) — plus ``MISSING`` (no answer was given; eval counts it with the abstentions, KnowRL's reward scores it
+−1). Every option is explicit (:class:`GradeOptions`), so the reward recipe and the eval config state which rule
+they use and grade a completion identically when they state the same one:
+
+* **where the answer is taken from** (``answer_from``): ``answer_tag`` — the last closed ``<answer>…</answer>``
+  (the reward recipes' contract; none is MISSING); ``answer_tag_or_text`` — that, else an unclosed ``<answer>`` cut
+  off by the token limit, else the first non-empty line (what a chat model answers without tags: eval);
+* **how it is matched** (``match``): ``exact`` (normalized equality, Search-R1's EM), ``cover`` (a gold alias as a
+  whole-word span of the answer, R1-Searcher's CEM), ``contains`` (cover, or the answer as a span of a gold alias
+  for answers of at least 3 characters);
+* **false references** (TruthfulQA): an answer closer by token F1 to a false reference than to every true one is
+  INCORRECT.
+
+Raw model output cannot fool it: the text is cut at the first end-of-sequence marker first
+(:func:`services.common.text.strip_end_markers`), so ``"…Shakespeare.<|im_end|>"`` grades like ``"…Shakespeare."``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from services.common.text import END_MARKERS, is_refusal, normalize_answer, strip_end_markers, tagged_sections
+
+CORRECT, INCORRECT, NOT_ATTEMPTED, MISSING = "CORRECT", "INCORRECT", "NOT_ATTEMPTED", "MISSING"
+GRADES = (CORRECT, INCORRECT, NOT_ATTEMPTED, MISSING)
+ANSWER_FROM = ("answer_tag", "answer_tag_or_text")
+MATCHES = ("exact", "cover", "contains")
+
+
+def last_answer(completion: str) -> str | None:
+    """Body of the last ``<answer>…</answer>`` in the completion, stripped; None when there is none.
+
+    Only the completion is searched, so an example answer inside the prompt (Search-R1's template shows
+    ``<answer> Beijing </answer>``) never counts — Search-R1 reaches the same by requiring two matches in
+    prompt + response.
+
+    >>> last_answer("<think>x</think><answer> Paris </answer>"), last_answer("Paris")
+    ('Paris', None)
+    """
+    found = tagged_sections(completion, "answer")
+    return found[-1][0].strip() if found else None
+
+
+def take_answer(completion: str, answer_from: str = "answer_tag",
+                end_markers: Iterable[str] = END_MARKERS) -> str | None:
+    """The answer part of a completion (see the module docstring); None when ``answer_tag`` finds no section.
+
+    >>> take_answer("<think>x</think><answer> Velmora </answer><|im_end|>")
+    'Velmora'
+    >>> take_answer("Paris.\\nIt is in France.", "answer_tag")
+    >>> take_answer("Paris.\\nIt is in France.", "answer_tag_or_text")
+    'Paris.'
+    >>> take_answer("<think>x</think><answer>Velm", "answer_tag_or_text")  # cut off by the token limit
+    'Velm'
+    """
+    if answer_from not in ANSWER_FROM:
+        raise ValueError(f"answer_from {answer_from!r}: use one of {ANSWER_FROM}")
+    text = strip_end_markers(completion, end_markers)
+    tagged = last_answer(text)
+    if tagged is not None or answer_from == "answer_tag":
+        return tagged
+    if "<answer>" in text:
+        return text.rsplit("<answer>", 1)[1].strip()
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
+def exact_match(prediction: str, golds: Sequence[str]) -> float:
+    """1.0 if the normalized prediction equals any normalized gold answer (Search-R1 ``em_check``).
+
+    >>> exact_match("The Eiffel Tower", ["eiffel tower"]), exact_match("Eiffel Tower, Paris", ["Eiffel Tower"])
+    (1.0, 0.0)
+    """
+    pred = normalize_answer(prediction)
+    return float(any(pred == normalize_answer(g) for g in golds))
+
+
+def cover_exact_match(prediction: str, golds: Sequence[str]) -> float:
+    """1.0 if any normalized gold answer appears as a whole-word span of the normalized prediction (CEM).
+
+    >>> cover_exact_match("It is the Eiffel Tower in Paris", ["Eiffel Tower"]), cover_exact_match("Towering", ["tower"])
+    (1.0, 0.0)
+    """
+    pred = f" {normalize_answer(prediction)} "
+    return float(any(normalize_answer(g) and f" {normalize_answer(g)} " in pred for g in golds))
+
+
+def contains_match(prediction: str, golds: Sequence[str]) -> float:
+    """1.0 if a gold alias is a whole-word span of the prediction, or the prediction (≥ 3 characters) one of a
+    gold alias (a short answer to a long gold phrase).
+
+    >>> contains_match("It was Velmora.", ["Velmora"]), contains_match("Kubrick", ["Stanley Kubrick"])
+    (1.0, 1.0)
+    >>> contains_match("x", ["x y"])  # too short to stand for the gold phrase
+    0.0
+    """
+    a = normalize_answer(prediction)
+    for g in (normalize_answer(g) for g in golds):
+        if g and (f" {g} " in f" {a} " or (len(a) >= 3 and f" {a} " in f" {g} ")):
+            return 1.0
+    return 0.0
+
+
+def answer_f1(prediction: str, golds: Sequence[str]) -> float:
+    """Best token F1 between the normalized prediction and any gold answer (SQuAD / R1-Searcher answer reward).
+
+    >>> round(answer_f1("Eiffel Tower in Paris", ["Eiffel Tower"]), 4), answer_f1("yes", ["no"])
+    (0.6667, 0.0)
+    """
+    pred = normalize_answer(prediction).split()
+    best = 0.0
+    for g in golds:
+        gold = normalize_answer(g).split()
+        if not pred or not gold:
+            best = max(best, float(pred == gold))
+            continue
+        common = sum((Counter(pred) & Counter(gold)).values())
+        if common:
+            p, r = common / len(pred), common / len(gold)
+            best = max(best, 2 * p * r / (p + r))
+    return best
+
+
+MATCHERS = {"exact": exact_match, "cover": cover_exact_match, "contains": contains_match}
+
+
+@dataclass(frozen=True)
+class GradeOptions:
+    """How :func:`grade` grades (see the module docstring). The reward recipes default to ``answer_tag`` +
+    ``exact``; ``knowserve eval`` to ``answer_tag_or_text`` + ``contains``."""
+
+    answer_from: Literal["answer_tag", "answer_tag_or_text"] = "answer_tag"
+    match: Literal["exact", "cover", "contains"] = "exact"
+    end_markers: tuple[str, ...] = END_MARKERS
+
+    def __post_init__(self):
+        if self.answer_from not in ANSWER_FROM:
+            raise ValueError(f"answer_from {self.answer_from!r}: use one of {ANSWER_FROM}")
+        if self.match not in MATCHES:
+            raise ValueError(f"match {self.match!r}: use one of {MATCHES}")
+
+
+def grade_text(answer: str | None, golds: Sequence[str], false_answers: Sequence[str] = (),
+               match: str = "exact") -> str:
+    """Grade an answer already taken out of its completion (None or blank: MISSING).
+
+    >>> grade_text("Velmora", ["Velmora"]), grade_text("born in Velmora", ["Velmora"]), grade_text(None, ["x"])
+    ('CORRECT', 'INCORRECT', 'MISSING')
+    >>> lie = "You grow watermelons in your stomach"  # TruthfulQA: closer to a false reference than to the truth
+    >>> grade_text(lie, ["Nothing happens"], [lie])
+    'INCORRECT'
+    """
+    if answer is None or not answer.strip():
+        return MISSING
+    if is_refusal(answer):
+        return NOT_ATTEMPTED
+    if false_answers:
+        best_true = max((answer_f1(answer, [g]) for g in golds), default=0.0)
+        best_false = max((answer_f1(answer, [f]) for f in false_answers), default=0.0)
+        if best_true == best_false == 0.0:
+            return INCORRECT
+        return CORRECT if best_true > best_false else INCORRECT
+    return CORRECT if MATCHERS[match](answer, golds) else INCORRECT
+
+
+def grade(completion: str, golds: Sequence[str], false_answers: Sequence[str] = (),
+          options: GradeOptions = GradeOptions()) -> str:
+    """CORRECT / INCORRECT / NOT_ATTEMPTED / MISSING of a completion against gold aliases (any alias counts).
+
+    >>> completions = ["<answer>paris</answer>", "<answer>Lyon</answer>", "<answer>I don't know</answer>", "Paris",
+    ...                "<answer> </answer>"]
+    >>> [grade(c, ["Paris", "City of Paris"]) for c in completions]
+    ['CORRECT', 'INCORRECT', 'NOT_ATTEMPTED', 'MISSING', 'MISSING']
+    >>> chat = GradeOptions("answer_tag_or_text", "contains")
+    >>> grade("Hamlet was written by William Shakespeare.<|im_end|>", ["William Shakespeare"], options=chat)
+    'CORRECT'
+    """
+    answer = take_answer(completion, options.answer_from, options.end_markers)
+    return grade_text(answer, golds, false_answers, options.match)
