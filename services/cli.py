@@ -10,7 +10,9 @@
     knowserve world build [--out .knowserve/world] [--model]      (the demo world and its own small model)
     knowserve train CONFIG.yaml [--resume] [--via-service]          (GRPO through the services, progress bar)
     knowserve runs [RUN_ID]                                         (the training service's runs)
-    knowserve eval --dataset demo_world:kb_only:heldout [--mode closed_book|retrieval] [--limit N]
+    knowserve eval --dataset demo_world:kb_only:heldout [--mode closed_book|retrieval] [--limit N] [--model M]
+    knowserve models                                                (served models, versions, kept versions)
+    knowserve rollback MODEL VERSION                                (swap a model back to a kept version)
     knowserve demo
 """
 
@@ -268,6 +270,42 @@ def cmd_runs(args) -> int:
     return 0
 
 
+def _generation_client(args):
+    from services.generation.client import GenerationClient
+
+    return GenerationClient(args.target or default_target("generation"), app_name=args.generation_app)
+
+
+def cmd_models(args) -> int:
+    from rich.table import Table
+
+    async def run():
+        async with _generation_client(args) as g:
+            return await g.list_models()
+
+    t = Table(title="served models")
+    for col in ("model", "engine", "parameters", "serving", "checkpoint", "kept versions", "replicas"):
+        t.add_column(col, overflow="fold")
+    for m in asyncio.run(run()):
+        kept = ", ".join(f"v{k.version}" for k in m.kept_versions)
+        t.add_row(m.model + (" (default)" if m.is_default else ""), m.engine, f"{m.parameters / 1e6:.1f}M",
+                  f"v{m.weight_version}" + (f" (latest v{m.latest_version})" if m.latest_version > m.weight_version
+                                            else ""), f"{m.model_name}: {m.checkpoint_uri}", kept, str(m.replicas))
+    make_console().print(t)
+    return 0
+
+
+def cmd_rollback(args) -> int:
+    async def run():
+        async with _generation_client(args) as g:
+            return await g.rollback_weights(args.version, model=args.model)
+
+    r = asyncio.run(run())
+    print(f"{args.model}: v{r.previous_version} -> v{r.version} on {r.replicas_updated} replica(s) in "
+          f"{r.swap_seconds:.2f}s")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from services.common.progress import console as make_console
 
@@ -277,7 +315,7 @@ def cmd_eval(args) -> int:
                      tool_protocol=args.tool_protocol, prompt_format=args.prompt_format, match=args.match,
                      answer_from=args.answer_from,
                      max_tokens=args.max_tokens, generation_target=args.generation,
-                     generation_app_name=args.generation_app,
+                     generation_app_name=args.generation_app, model=args.model,
                      verification_target=args.verification, out_dir=args.out, label=args.label)
     result = asyncio.run(evaluate(cfg))
     console = make_console()
@@ -401,11 +439,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generation", default=default_target("generation"))
     p.add_argument("--generation-app", default=GENERATION_APP, help="Serve application name of the generation "
                    "service (its `application` metadata)")
+    p.add_argument("--model", default="", help="served model to evaluate (knowserve models; default: the default)")
     p.add_argument("--verification", default=default_target("verification"),
                    help="verification host:port for claim support ('' skips it)")
     p.add_argument("--out", default="", help="default: $KNOWSERVE_RUN_DIR/eval (.knowserve/eval)")
     p.add_argument("--label", default="")
     p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("models", help="the generation service's models: engine, size, serving and kept versions")
+    p.add_argument("--target", help=f"generation host:port (default {default_target('generation')})")
+    p.add_argument("--generation-app", default=GENERATION_APP)
+    p.set_defaults(fn=cmd_models)
+
+    p = sub.add_parser("rollback", help="swap a model back (or forward) to one of its kept versions")
+    p.add_argument("model")
+    p.add_argument("version", type=int)
+    p.add_argument("--target", help=f"generation host:port (default {default_target('generation')})")
+    p.add_argument("--generation-app", default=GENERATION_APP)
+    p.set_defaults(fn=cmd_rollback)
 
     p = sub.add_parser("demo", help="start the stack, ingest the demo corpus, show it working")
     p.add_argument("--full", action="store_true", help="the longer target: KnowRL GRPO on SmolLM2 itself")

@@ -25,6 +25,7 @@ from rich.markup import escape
 
 from services import stack
 from services.common.progress import console as make_console
+from services.generation.config import DEFAULT_MODEL, DEMO_MODEL
 from services.retrieval.client import RetrievalClient
 from services.retrieval.core import Document
 from services.retrieval.demo_corpus import build_wiki_corpus
@@ -172,8 +173,8 @@ async def show_model_hallucination(console: Console, generation: str, verificati
             attempted = wrong = 0
             console.print(f"[bold]{mode}[/bold]")
             for (q, gold), a, r in zip(MODEL_QUESTIONS, answers, verdicts.results):
-                g = grade(a, gold, options=GradeOptions("answer_tag_or_text", "cover"))
-                refused, right = g == NOT_ATTEMPTED, g == CORRECT
+                graded = grade(a, gold, options=GradeOptions("answer_tag_or_text", "cover"))
+                refused, right = graded == NOT_ATTEMPTED, graded == CORRECT
                 attempted += not refused
                 wrong += (not refused) and not right
                 labels = ", ".join(vpb.Label.Name(c.label).removeprefix("LABEL_").lower() for c in r.claims)
@@ -220,14 +221,14 @@ def demo_world_loop(console: Console, procs: dict) -> None:
         console.print(f"demo model: {stats['parameters']:,} parameters, loss {stats['final_loss']:.3f} after "
                       f"{stats['steps']} steps ({stats['seconds']:.0f}s)")
     run_id = f"demo-world-{time.strftime('%Y%m%d-%H%M%S')}"
-    start, version, seconds = publish_start(procs, model_dir, run_id)
-    console.print(f"hot-swapped the demo model into generation as weight version {version} ({seconds:.2f}s, "
-                  "no restart)")
+    start, version, seconds = publish_start(procs, model_dir, run_id, DEMO_MODEL)
+    console.print(f"hot-swapped the cold-started model into the served model {DEMO_MODEL!r} as weight version "
+                  f"{version} ({seconds:.2f}s, no restart; {DEFAULT_MODEL} keeps serving users beside it)")
 
     def evaluate_both(label: str) -> list[dict]:
         out = []
         for ds in ("demo_world:kb_only:heldout", "demo_world:taught:heldout"):
-            cfg = EvalConfig(dataset=ds, mode="retrieval", match="exact", label=label,
+            cfg = EvalConfig(dataset=ds, mode="retrieval", match="exact", label=label, model=DEMO_MODEL,
                              generation_target=procs["generation"].target,
                              verification_target=procs["verification"].target)
             r = asyncio.run(evaluate(cfg, progress=False))
@@ -242,7 +243,8 @@ def demo_world_loop(console: Console, procs: dict) -> None:
     before = evaluate_both("before")
     console.rule("11. GRPO through the services: rollouts <- generation (+retrieval), rewards <- reward, "
                  "weights -> generation every step")
-    after_version = asyncio.run(train_through_service(console, procs["training"].target, run_id, start))
+    after_version = asyncio.run(train_through_service(console, procs["training"].target, run_id, start,
+                                                      generation_model=DEMO_MODEL))
     console.rule("12. evaluate again")
     after = evaluate_both("after")
     table = Table(title="held-out demo-world questions: before vs after GRPO")
@@ -259,15 +261,15 @@ def demo_world_loop(console: Console, procs: dict) -> None:
     console.print(f"facts only the knowledge base holds: hallucinated answers {b['incorrect']:.0%} -> "
                   f"{a['incorrect']:.0%} ({drop:.0%} relative drop); correct-or-abstain "
                   f"{b['correct_or_abstain']:.0%} -> {a['correct_or_abstain']:.0%}; generation now serves "
-                  f"v{after_version}")
+                  f"{DEMO_MODEL} v{after_version}")
     console.print(f"results: {Path(a['path']).parent} (JSON per benchmark and version), chart: {a['chart']}")
     console.print(f"training metrics and eval gauges: http://127.0.0.1:{procs['training'].metrics_port}/metrics "
                   f"(knowserve_training_*, knowserve_eval_*)")
 
 
-def publish_start(procs: dict, model_dir: Path, run_id: str) -> tuple[Path, int, float]:
-    """Copy ``model_dir`` into the checkpoint root as the run's starting policy and hot-swap it into generation
-    as the next weight version: (its folder, version, swap seconds)."""
+def publish_start(procs: dict, model_dir: Path, run_id: str, model: str = "") -> tuple[Path, int, float]:
+    """Copy ``model_dir`` into the checkpoint root as the run's starting policy and hot-swap it into the served
+    ``model`` ("" = the default) as its next weight version: (its folder, version, swap seconds)."""
     import shutil
 
     from services.generation.client import GenerationClient
@@ -276,16 +278,16 @@ def publish_start(procs: dict, model_dir: Path, run_id: str) -> tuple[Path, int,
     shutil.copytree(model_dir, start, dirs_exist_ok=True)
 
     async def publish():
-        async with GenerationClient(procs["generation"].target) as g:
+        async with GenerationClient(procs["generation"].target, model=model) as g:
             info = await g.model_info()
-            return await g.update_weights(str(start), info.weight_version + 1)
+            return await g.update_weights(str(start), max(info.weight_version, info.latest_version) + 1)
 
     reply = asyncio.run(publish())
     return start, reply.version, reply.swap_seconds
 
 
 async def train_through_service(console: Console, target: str, run_id: str, model: Path, cfg=None,
-                                log_every: int = 10) -> int:
+                                log_every: int = 10, generation_model: str = "") -> int:
     """StartRun on the training service with ``cfg`` (a RunConfig; default training/configs/demo_world.yaml), then
     follow its progress with a bar, a line every ``log_every`` steps; returns the weight version it left serving."""
     from services.common.progress import progress as tqdm
@@ -295,6 +297,7 @@ async def train_through_service(console: Console, target: str, run_id: str, mode
     from training.config import RunConfig
 
     cfg = cfg or RunConfig.from_yaml(Path(__file__).resolve().parents[1] / "training/configs/demo_world.yaml")
+    cfg = cfg.model_copy(update={"generation_model": generation_model})
     async with TrainingClient(target) as client:
         run = await client.start_run_config(cfg, model=str(model), run_id=run_id)
         console.print(f"run {run.run_id}: {run.recipe} on {run.dataset}, {run.hyperparameters.max_steps} steps of "

@@ -101,7 +101,21 @@ def _service_env(name: str) -> dict[str, str]:
     if name == "training":
         env.setdefault(prefix + "RUNS_DIR", str(run_dir() / "runs"))
         env.setdefault(prefix + "EVAL_DIR", str(run_dir() / "eval"))
+    if name == "generation":
+        env.setdefault(prefix + "MODELS", json.dumps(local_models()))
     return env
+
+
+def local_models() -> list[dict]:
+    """The local stack's served models: SmolLM2-135M-Instruct (the default: users, the llm judge and grader) and
+    the demo world's model, which `make demo` trains and hot-swaps (until it is built, an untrained tiny Llama
+    holds its place)."""
+    from services.generation.config import BUILTIN_TINY, DEFAULT_MODEL, DEMO_MODEL
+
+    demo = run_dir() / "models" / DEMO_MODEL
+    return [{"name": DEFAULT_MODEL, "replica_num_cpus": 1.0},
+            {"name": DEMO_MODEL, "path": str(demo) if (demo / "config.json").exists() else BUILTIN_TINY,
+             "replica_num_cpus": 0.5}]
 
 
 async def _health(procs: dict[str, Proc], started: dict[str, subprocess.Popen] | None = None) -> dict[str, str]:

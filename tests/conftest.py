@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -210,12 +211,18 @@ class GenerationApp:
     """``python -m services.generation`` (a local Ray head, explicit ports and CPUs, the Serve app) as our own
     process group; stopped by signalling that group, never `ray stop`."""
 
-    def __init__(self, root: Path, model: Path, app_name: str = SERVE_APP, **settings: str):
-        self.root, self.port, self.metrics_port = root, free_port(), free_port()
+    def __init__(self, root: Path, model: Path | None, app_name: str = SERVE_APP, python: str = sys.executable,
+                 **settings):
+        self.root, self.port, self.metrics_port, self.http_port = root, free_port(), free_port(), free_port()
         self.target = f"127.0.0.1:{self.port}"
         self.app_name = app_name
+        self.python = python
+        if model is not None:
+            settings["model_path"] = model
+        if "models" in settings and not isinstance(settings["models"], str):
+            settings["models"] = json.dumps(settings["models"])
         env = {f"KNOWSERVE_GENERATION_{k.upper()}": str(v) for k, v in {
-            "port": self.port, "http_port": free_port(), "dashboard_port": free_port(), "model_path": model,
+            "port": self.port, "http_port": self.http_port, "dashboard_port": free_port(),
             "checkpoint_root": root, "app_name": app_name, "metrics_port": self.metrics_port,
             "metrics_dir": root / "metrics", "replicas": 2, "replica_num_cpus": 0.5, "ray_num_cpus": 2,
             **settings}.items()}
@@ -225,18 +232,20 @@ class GenerationApp:
 
     def start(self, timeout: float = 240.0) -> "GenerationApp":
         log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "services.generation"], cwd=ROOT, env=self.env,
+        self.proc = subprocess.Popen([self.python, "-m", "services.generation"], cwd=ROOT, env=self.env,
                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and self.proc.poll() is None:
             try:
                 with grpc.insecure_channel(self.target) as ch:
-                    health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2,
-                                                         metadata=(("application", self.app_name),))
+                    reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5,
+                                                                 metadata=(("application", self.app_name),))
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:  # every model has a replica up
                     return self
             except grpc.RpcError:
-                time.sleep(1)
+                pass
+            time.sleep(1)
         self.stop()
         pytest.fail("generation did not start:\n" + self.log_path.read_text()[-4000:])
 
@@ -253,16 +262,29 @@ class GenerationApp:
         self.proc = None
 
 
+SERVE_MODELS = ("tiny", "second")  # the session app's models: the default, and one other (isolation, rollback)
+
+
 @pytest.fixture(scope="session")
-def serve_generation(tmp_path_factory, generation_retrieval_port):
-    """The generation app on a real local Ray head (a tiny model built here), shared by the generation,
-    verification, reward and training tests: (target, checkpoint root, metrics port)."""
+def serve_generation_app(tmp_path_factory, generation_retrieval_port) -> GenerationApp:
+    """The generation app on a real local Ray head, shared by the generation, verification, reward and training
+    tests: two named models, `tiny` (the default; 2 replicas) and `second` (1 replica), tiny Llamas built here."""
     from services.common.models import tiny_lm_folder
 
     tiny_model = tiny_lm_folder(ROOT / ".cache/models")
     root = tmp_path_factory.mktemp("checkpoints")
     shutil.copytree(tiny_model, root / "v1")
-    app = GenerationApp(root, root / "v1", max_tokens_limit=64, default_max_tokens=16,
-                        retrieval_target=f"127.0.0.1:{generation_retrieval_port}").start()
-    yield app.target, root, app.metrics_port
+    app = GenerationApp(root, None, max_tokens_limit=64, default_max_tokens=16,
+                        retrieval_target=f"127.0.0.1:{generation_retrieval_port}", models=[
+                            {"name": SERVE_MODELS[0], "path": str(root / "v1"), "replicas": 2, "replica_num_cpus": 0.5},
+                            {"name": SERVE_MODELS[1], "path": "builtin:tiny", "replicas": 1,
+                             "replica_num_cpus": 0.25}]).start()
+    yield app
     app.stop()
+
+
+@pytest.fixture(scope="session")
+def serve_generation(serve_generation_app):
+    """(target, checkpoint root, metrics port) of the session's generation app."""
+    app = serve_generation_app
+    return app.target, app.root, app.metrics_port

@@ -121,6 +121,8 @@ class RunConfig(BaseModel):
         "auto", description="chat: system+user messages (chat template); demo: the demo model's text prompt.")
     generation_target: str = default_target("generation")
     generation_app_name: str = GENERATION_APP
+    generation_model: str = Field("", description="The served model rollouts come from and weights are published "
+                                  "to (knowserve models); empty: the generation service's default model.")
     reward_target: str = default_target("reward")
     publish: bool = Field(True, description="Publish weights to generation every sync_every steps.")
     checkpoint_root: str = Field(".knowserve/checkpoints", description="The generation service's allowed "

@@ -6,7 +6,7 @@ service uses; SimpleQA's correct / incorrect = hallucinated / not attempted), it
 checked by the verification service against the knowledge base (claim support rate), and R-Tuning's AP score
 ranks answers by the model's own confidence (the geometric-mean probability of the tokens it wrote).
 
-Each result is written as JSON to ``<out_dir>/<benchmark>__<mode>__v<version>.json`` and a PNG chart of every
+Each result is written as JSON to ``<out_dir>/<model>__<benchmark>__<mode>__v<version>.json`` and a PNG chart of every
 result in ``out_dir`` is redrawn; the training service exports the latest figures to Prometheus as gauges
 labelled by benchmark, mode and weight version (``knowserve_eval_*``).
 """
@@ -52,6 +52,7 @@ class EvalConfig:
     retrieval_top_k: int = 1
     generation_target: str = default_target("generation")
     generation_app_name: str = GENERATION_APP
+    model: str = ""  # served model to evaluate; "" = the generation service's default
     verification_target: str = default_target("verification")  # "" skips claim support
     judge: str = ""
     out_dir: str = ""  # "": <KNOWSERVE_RUN_DIR or .knowserve>/eval
@@ -122,7 +123,8 @@ async def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     cfg.check()
     rows = await asyncio.to_thread(load_dataset, cfg.dataset, None, cfg.limit, cfg.seed)
     gen = GenerationClient(cfg.generation_target, ClientOptions(timeout_seconds=900, retries=30,
-                                                                backoff_max_seconds=2.0), cfg.generation_app_name)
+                                                                backoff_max_seconds=2.0), cfg.generation_app_name,
+                           model=cfg.model)
     start = time.monotonic()
     try:
         info = await gen.model_info()
@@ -152,7 +154,8 @@ async def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
         await gen.close()
     support = await _claim_support(cfg, records) if cfg.verification_target else None
     grades = [r["grade"] for r in records]
-    result = {"benchmark": cfg.dataset, "mode": cfg.mode, "label": cfg.label, "model": info.checkpoint_uri,
+    result = {"benchmark": cfg.dataset, "mode": cfg.mode, "label": cfg.label, "model": info.model,
+              "model_name": info.model_name, "checkpoint": info.checkpoint_uri,
               "weight_version": versions[-1] if versions else int(info.weight_version),
               "weight_versions_seen": versions, "n": len(records), **rates(grades),
               "ap": average_precision([r["confidence"] for r in records], [g == "CORRECT" for g in grades]),
@@ -161,7 +164,7 @@ async def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "records": records}
     out = Path(cfg.out_dir) if cfg.out_dir else default_out_dir()
     out.mkdir(parents=True, exist_ok=True)
-    name = f"{_slug(cfg.dataset)}__{cfg.mode}__v{result['weight_version']}"
+    name = f"{_slug(info.model or 'model')}__{_slug(cfg.dataset)}__{cfg.mode}__v{result['weight_version']}"
     path = out / f"{name}.json"
     path.write_text(json.dumps(result, indent=1))
     result["path"] = str(path)
@@ -222,12 +225,13 @@ def plot_results(out_dir: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results = sorted(load_results(out_dir), key=lambda r: (r["benchmark"], r["mode"], r["weight_version"]))
+    results = sorted(load_results(out_dir), key=lambda r: (r.get("model") or "", r["benchmark"], r["mode"],
+                                                           r["weight_version"]))
     # one bar per result, grouped by benchmark and mode; labels wrap at ':' and stay horizontal, the legend sits
     # outside the axes so it covers no bar
     fig, ax = plt.subplots(figsize=(min(24, max(6.5, 1.35 * len(results) + 3)), 5.0))
-    labels = ["\n".join((*r["benchmark"].split(":"), r["mode"].replace("_", "-"), f"v{r['weight_version']}"))
-              for r in results]
+    labels = ["\n".join((r.get("model") or "", *r["benchmark"].split(":"), r["mode"].replace("_", "-"),
+                         f"v{r['weight_version']}")).strip() for r in results]
     x = list(range(len(results)))
     bottom = [0.0] * len(results)
     for key, colour, name in (("correct", "#2e7d32", "correct"), ("incorrect", "#c62828", "hallucinated"),

@@ -328,6 +328,7 @@ def run_training(run_root: Path, resume: bool = False, on_progress: Callable[[di
         tokenizer = AutoTokenizer.from_pretrained(cfg.model)
         io = BackgroundLoop()
         rollout = ServiceRollout(io, cfg.generation_target, app_name=cfg.generation_app_name,
+                                 model=cfg.generation_model,
                                  temperature=h.temperature, max_tokens=h.max_completion_tokens,
                                  tool_protocol=cfg.effective_tool_protocol(), max_tool_turns=cfg.max_tool_turns,
                                  retrieval_top_k=cfg.retrieval_top_k, retry_seconds=cfg.retry_seconds)
@@ -337,6 +338,7 @@ def run_training(run_root: Path, resume: bool = False, on_progress: Callable[[di
                                 cfg.retry_seconds)
         funcs, weights = rewards.trl_reward_funcs()
         publisher = (WeightPublisher(io, cfg.generation_target, publish_dir, app_name=cfg.generation_app_name,
+                                     model=cfg.generation_model, label=cfg.run_id,
                                      retry_seconds=cfg.retry_seconds) if cfg.publish else None)
         args = GRPOConfig(
             output_dir=str(run.trainer_dir), use_cpu=not torch.cuda.is_available(), bf16=False,

@@ -88,14 +88,14 @@ class ServiceRollout:
     out of the loss) and the weight version that produced each completion.
     """
 
-    def __init__(self, io: BackgroundLoop, generation_target: str, *, app_name: str, temperature: float,
+    def __init__(self, io: BackgroundLoop, generation_target: str, *, app_name: str, model: str, temperature: float,
                  max_tokens: int, tool_protocol: str = "", max_tool_turns: int = 0, retrieval_top_k: int = 0,
                  retry_seconds: float = 600.0, call_timeout: float = 600.0):
         from services.generation.client import GenerationClient
 
         self.io = io
         self.client = io.make(lambda: GenerationClient(generation_target, retrying_options(retry_seconds, call_timeout),
-                                                       app_name))
+                                                       app_name, model))
         self.temperature, self.max_tokens = temperature, max_tokens
         self.tool_protocol, self.max_tool_turns, self.retrieval_top_k = tool_protocol, max_tool_turns, retrieval_top_k
         self.last = RolloutStats()
@@ -141,20 +141,24 @@ class PublishResult:
 
 
 class WeightPublisher:
-    """Save the policy as an HF folder under the generation service's checkpoint root and hot-swap it in.
+    """Save the policy as an HF folder under the generation service's checkpoint root and hot-swap it into the
+    served model ``model``.
 
-    Versions are the serving version + 1 at publish time (monotonic even across runs and restarts). A failed swap
-    is returned, not raised: training goes on and reports it.
+    Versions are that model's latest published version + 1 at publish time (monotonic even across runs, restarts
+    and rollbacks). A failed swap is returned, not raised: training goes on and reports it. Old step folders are
+    pruned down to ``keep``, except those the generation service still keeps for rollback (GetModelInfo's
+    kept_versions) and the one serving.
     """
 
     def __init__(self, io: BackgroundLoop, generation_target: str, checkpoint_dir: Path, *, app_name: str,
-                 keep: int = 2, retry_seconds: float = 600.0):
+                 model: str = "", label: str = "", keep: int = 2, retry_seconds: float = 600.0):
         from services.generation.client import GenerationClient
 
         self.io = io
         self.client = io.make(lambda: GenerationClient(generation_target, retrying_options(retry_seconds, 900.0),
-                                                       app_name))
+                                                       app_name, model))
         self.checkpoint_dir = checkpoint_dir
+        self.label = label or checkpoint_dir.name
         self.keep = keep
         self.history: list[PublishResult] = []
 
@@ -164,10 +168,12 @@ class WeightPublisher:
     def publish(self, model, tokenizer, step: int) -> PublishResult:
         start = time.perf_counter()
         folder = self.checkpoint_dir / f"step-{step:06d}"
+        info = None
         try:
             info = self.serving()
-            version = int(info.weight_version) + 1
-            save_policy(model, tokenizer, folder)
+            version = max(int(info.weight_version), int(info.latest_version)) + 1
+            save_policy(model, tokenizer, folder, {"name": f"{self.label} step {step}", "step": step,
+                                                   "run": self.label, "base": info.model_name})
             reply = self.io.run(self.client.update_weights(str(folder.resolve()), version))
             result = PublishResult(True, int(reply.version), str(folder), time.perf_counter() - start)
         except Exception as e:  # noqa: BLE001 - a failed swap is reported; the run goes on
@@ -178,18 +184,27 @@ class WeightPublisher:
         return result
 
     def _prune(self) -> None:
-        published = sorted(p for p in self.checkpoint_dir.glob("step-*") if p.is_dir())
-        serving = {Path(r.checkpoint).resolve() for r in self.history[-1:] if r.ok}
+        published = sorted(p for p in self.checkpoint_dir.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+        keep = {Path(r.checkpoint).resolve() for r in self.history[-1:] if r.ok}
+        try:  # generation's kept versions are rollback targets: never delete them
+            info = self.serving()
+            keep |= {Path(k.checkpoint_uri).resolve() for k in info.kept_versions}
+            keep.add(Path(info.checkpoint_uri).resolve())
+        except Exception as e:  # noqa: BLE001 - unknown: prune nothing this time
+            log.warning("not pruning published checkpoints: generation did not say what it keeps (%s)", e)
+            return
         for old in published[: -self.keep]:
-            if old.resolve() not in serving:
+            if old.resolve() not in keep:
                 shutil.rmtree(old, ignore_errors=True)
 
     def close(self) -> None:
         self.io.run(self.client.close())
 
 
-def save_policy(model, tokenizer, folder: Path) -> Path:
-    """An HF folder of the policy's current weights (LoRA adapters merged into a copy), written atomically."""
+def save_policy(model, tokenizer, folder: Path, meta: dict | None = None) -> Path:
+    """An HF folder of the policy's current weights (LoRA adapters merged into a copy), written atomically (a
+    temporary folder renamed into place: a reader never sees half a checkpoint). ``meta`` goes to
+    ``knowserve_checkpoint.json`` (its ``name`` is what GetModelInfo reports as the model's name)."""
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     target = model
@@ -199,6 +214,8 @@ def save_policy(model, tokenizer, folder: Path) -> Path:
         target = copy.deepcopy(model).merge_and_unload()
     target.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    if meta:
+        (tmp / "knowserve_checkpoint.json").write_text(json.dumps(meta, indent=1))
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     return folder

@@ -35,6 +35,10 @@ class RemoteError(KnowserveError):
         super().__init__(f"{service}: {details}")
         self.code = code
         self.service = service
+        self.details = details
+
+    def __reduce__(self):
+        return type(self), (self.service, self.code, self.details)
 
 
 @dataclass

@@ -5,6 +5,8 @@ know nothing of gRPC. Anything else becomes INTERNAL with a generic message.
 >>> err = InvalidArgument("top_k", "must be between 1 and 100, got 0")
 >>> str(err), err.field
 ('top_k: must be between 1 and 100, got 0', 'top_k')
+>>> import pickle; again = pickle.loads(pickle.dumps(err)); (type(again).__name__, again.field)
+('InvalidArgument', 'top_k')
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ class KnowserveError(Exception):
     def __str__(self) -> str:
         return self.message
 
+    def __reduce__(self):
+        """Picklable with its own constructor arguments (errors cross process boundaries: Ray Serve handles)."""
+        return type(self), (self.message,)
+
 
 class InvalidArgument(KnowserveError):
     """Bad input. The message names the offending field (``items[3].completion``) and the limit."""
@@ -29,6 +35,9 @@ class InvalidArgument(KnowserveError):
         super().__init__(f"{field}: {problem}")
         self.field = field
         self.problem = problem
+
+    def __reduce__(self):
+        return type(self), (self.field, self.problem)
 
 
 class NotFound(KnowserveError):

@@ -10,7 +10,8 @@ they use and grade a completion identically when they state the same one:
   off by the token limit, else the first non-empty line (what a chat model answers without tags: eval);
 * **how it is matched** (``match``): ``exact`` (normalized equality, Search-R1's EM), ``cover`` (a gold alias as a
   whole-word span of the answer, R1-Searcher's CEM), ``contains`` (cover, or the answer as a span of a gold alias
-  for answers of at least 3 characters);
+  for answers of at least 3 characters); answers are compared in :func:`~services.common.text.canonical_answer`
+  form (SQuAD normalization, spelled-out numbers as digits: "eight legs" matches "8");
 * **false references** (TruthfulQA): an answer closer by token F1 to a false reference than to every true one is
   INCORRECT.
 
@@ -25,7 +26,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from services.common.text import END_MARKERS, is_refusal, normalize_answer, strip_end_markers, tagged_sections
+from services.common.text import (END_MARKERS, canonical_answer, is_refusal, normalize_answer, strip_end_markers,
+                                  tagged_sections)
 
 CORRECT, INCORRECT, NOT_ATTEMPTED, MISSING = "CORRECT", "INCORRECT", "NOT_ATTEMPTED", "MISSING"
 GRADES = (CORRECT, INCORRECT, NOT_ATTEMPTED, MISSING)
@@ -71,7 +73,8 @@ def take_answer(completion: str, answer_from: str = "answer_tag",
 
 
 def exact_match(prediction: str, golds: Sequence[str]) -> float:
-    """1.0 if the normalized prediction equals any normalized gold answer (Search-R1 ``em_check``).
+    """1.0 if the normalized prediction equals any normalized gold answer (Search-R1 ``em_check``, as published:
+    SQuAD normalization only; the reward's ``exact_match`` component).
 
     >>> exact_match("The Eiffel Tower", ["eiffel tower"]), exact_match("Eiffel Tower, Paris", ["Eiffel Tower"])
     (1.0, 0.0)
@@ -90,20 +93,29 @@ def cover_exact_match(prediction: str, golds: Sequence[str]) -> float:
     return float(any(normalize_answer(g) and f" {normalize_answer(g)} " in pred for g in golds))
 
 
-def contains_match(prediction: str, golds: Sequence[str]) -> float:
-    """1.0 if a gold alias is a whole-word span of the prediction, or the prediction (≥ 3 characters) one of a
-    gold alias (a short answer to a long gold phrase).
+def matches(prediction: str, golds: Sequence[str], match: str = "exact") -> bool:
+    """Whether an answer matches any gold alias under ``match`` (in canonical form; see the module docstring).
 
-    >>> contains_match("It was Velmora.", ["Velmora"]), contains_match("Kubrick", ["Stanley Kubrick"])
-    (1.0, 1.0)
-    >>> contains_match("x", ["x y"])  # too short to stand for the gold phrase
-    0.0
+    >>> matches("The Eiffel Tower", ["eiffel tower"]), matches("It was Velmora.", ["Velmora"], "cover")
+    (True, True)
+    >>> matches("Kubrick", ["Stanley Kubrick"], "contains"), matches("x", ["x y"], "contains")  # too short
+    (True, False)
+    >>> matches("A spider has eight legs.", ["8"], "cover")
+    True
     """
-    a = normalize_answer(prediction)
-    for g in (normalize_answer(g) for g in golds):
-        if g and (f" {g} " in f" {a} " or (len(a) >= 3 and f" {a} " in f" {g} ")):
-            return 1.0
-    return 0.0
+    if match not in MATCHES:
+        raise ValueError(f"match {match!r}: use one of {MATCHES}")
+    a = canonical_answer(prediction)
+    for g in (canonical_answer(g) for g in golds):
+        if not g:
+            continue
+        if match == "exact" and a == g:
+            return True
+        if match != "exact" and f" {g} " in f" {a} ":
+            return True
+        if match == "contains" and len(a) >= 3 and f" {a} " in f" {g} ":
+            return True
+    return False
 
 
 def answer_f1(prediction: str, golds: Sequence[str]) -> float:
@@ -124,9 +136,6 @@ def answer_f1(prediction: str, golds: Sequence[str]) -> float:
             p, r = common / len(pred), common / len(gold)
             best = max(best, 2 * p * r / (p + r))
     return best
-
-
-MATCHERS = {"exact": exact_match, "cover": cover_exact_match, "contains": contains_match}
 
 
 @dataclass(frozen=True)
@@ -165,7 +174,7 @@ def grade_text(answer: str | None, golds: Sequence[str], false_answers: Sequence
         if best_true == best_false == 0.0:
             return INCORRECT
         return CORRECT if best_true > best_false else INCORRECT
-    return CORRECT if MATCHERS[match](answer, golds) else INCORRECT
+    return CORRECT if matches(answer, golds, match) else INCORRECT
 
 
 def grade(completion: str, golds: Sequence[str], false_answers: Sequence[str] = (),

@@ -92,3 +92,15 @@ def tiny_lm_folder(cache: Path = DEFAULT_CACHE, hidden: int = 64, layers: int = 
     tok.save_pretrained(tmp)
     tmp.rename(folder)
     return folder
+
+
+def resolve_model_path(path: str | Path, cache: Path = DEFAULT_CACHE) -> Path:
+    """A model folder for a generation model spec's ``path``: ``builtin:smollm2-135m-instruct`` (or empty) converts
+    SmolLM2 from its wheel, ``builtin:tiny`` builds an untrained tiny Llama (a placeholder), anything else is a
+    folder."""
+    path = str(path)
+    if path in ("", "builtin:smollm2-135m-instruct"):
+        return smollm2_folder(cache)
+    if path == "builtin:tiny":
+        return tiny_lm_folder(cache, hidden=128, heads=2)  # head_dim 64: vLLM's CPU attention needs 32/64/...
+    return Path(path)

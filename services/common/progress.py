@@ -21,16 +21,48 @@ def log_interval() -> float:
     return float(os.environ.get("KNOWSERVE_PROGRESS_SECONDS", "10"))
 
 
+class _Lines:
+    """A stream for bars off a terminal: each redraw becomes one line; bare carriage returns and newlines (tqdm's
+    in-place redraw and close) are dropped."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, s: str) -> None:
+        s = s.strip("\r\n")
+        if s.strip():
+            self.stream.write(s + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
 def progress(iterable=None, **kwargs):
-    """A tqdm bar (rate and ETA) that redraws at most every :func:`log_interval` seconds off a terminal."""
+    """A tqdm bar (rate and ETA). In a terminal it redraws in place; off a terminal it writes one line at most
+    every :func:`log_interval` seconds (``set_postfix`` included), plus the final line."""
+    import time
+
     from tqdm import tqdm
 
-    if not interactive():
-        kwargs.setdefault("mininterval", log_interval())
-        kwargs.setdefault("maxinterval", max(log_interval(), 10.0))
-        kwargs.setdefault("ncols", 100)
-        kwargs.setdefault("ascii", True)
-    return tqdm(iterable, **kwargs)
+    if interactive():
+        return tqdm(iterable, **kwargs)
+
+    class LogBar(tqdm):
+        _printed = 0.0
+
+        def display(self, msg=None, pos=None):
+            now = time.monotonic()
+            if msg is None and not self.disable and now - self._printed < log_interval():
+                return True  # rate-limited; closing (disable is set) always prints the final line
+            self._printed = now
+            return super().display(msg, pos)
+
+    kwargs.setdefault("mininterval", log_interval())
+    kwargs.setdefault("maxinterval", max(log_interval(), 10.0))
+    kwargs.setdefault("ncols", 100)
+    kwargs.setdefault("ascii", True)
+    kwargs.setdefault("file", _Lines(sys.stderr))
+    return LogBar(iterable, **kwargs)
 
 
 def quiet_library_bars() -> None:

@@ -53,14 +53,15 @@ class ServiceBinding:
     servicer: Any
 
 
-class _BadRequest:
-    """Stands in for a request whose bytes did not parse (e.g. invalid UTF-8 in a string field)."""
+class BadRequest:
+    """Stands in for a request whose bytes did not parse (e.g. invalid UTF-8 in a string field); picklable, so it
+    also crosses Serve's proxy to the generation ingress."""
 
-    def __init__(self, error: Exception):
-        self.error = error
+    def __init__(self, error: Exception | str):
+        self.error = f"{type(error).__name__}: {error}" if isinstance(error, Exception) else error
 
 
-def _lenient(deserializer):
+def lenient(deserializer):
     """Wrap a request deserializer so a parse failure reaches the handler (-> INVALID_ARGUMENT), not INTERNAL."""
     if deserializer is None:
         return None
@@ -69,14 +70,16 @@ def _lenient(deserializer):
         try:
             return deserializer(data)
         except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError / RuntimeWarning subclasses
-            return _BadRequest(exc)
+            return BadRequest(exc)
 
     return parse
 
 
-def _check_parsed(request) -> None:
-    if isinstance(request, _BadRequest):
-        raise InvalidArgument("request", f"could not be parsed (invalid UTF-8 in a string field?): {request.error}")
+def check_parsed(request) -> None:
+    """INVALID_ARGUMENT for a request that did not parse."""
+    if isinstance(request, BadRequest):
+        raise InvalidArgument("request", f"could not be parsed (corrupt bytes, a wrong wire type or invalid UTF-8 in "
+                              f"a string field): {request.error}")
 
 
 class _Interceptor(grpc.aio.ServerInterceptor):
@@ -103,13 +106,13 @@ class _Interceptor(grpc.aio.ServerInterceptor):
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(handler.unary_unary, method, authorized),
-                request_deserializer=_lenient(handler.request_deserializer),
+                request_deserializer=lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
                 self._wrap_stream(handler.unary_stream, method, authorized),
-                request_deserializer=_lenient(handler.request_deserializer),
+                request_deserializer=lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler  # client-streaming methods: none in knowserve's protos
@@ -119,7 +122,7 @@ class _Interceptor(grpc.aio.ServerInterceptor):
         """Checks every call passes before its handler runs (raised as domain errors, mapped like any other)."""
         if not authorized:
             raise Unauthenticated("missing or wrong bearer token (send metadata 'authorization: Bearer <token>')")
-        _check_parsed(request)
+        check_parsed(request)
 
     async def _abort(self, context: grpc.aio.ServicerContext, exc: Exception, record: CallRecord) -> None:
         """End the call for ``exc`` with its mapped status (an abort already under way passes through)."""

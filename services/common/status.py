@@ -48,9 +48,17 @@ def code_of(exc: e.KnowserveError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def unwrap(exc: BaseException) -> BaseException:
+    """The error a remote call raised: Ray Serve re-raises a replica's exception as ``RayTaskError(<its class>)``,
+    whose message is the remote traceback; its ``cause`` is the original."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, BaseException) and type(exc).__name__.startswith("RayTaskError") else exc
+
+
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and client-facing message for ``exc``; unknown errors are logged with their trace and
     answered INTERNAL with a generic message."""
+    exc = unwrap(exc)
     if isinstance(exc, e.KnowserveError):
         code = code_of(exc)
         log.info("rpc failed", extra={"code": code.name, "detail": str(exc)})

@@ -51,6 +51,55 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.split())
 
 
+_UNITS = {w: i for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen".split())}
+_TENS = {w: 10 * i for i, w in enumerate("_ _ twenty thirty forty fifty sixty seventy eighty ninety".split(), 0)
+         if w != "_"}
+_SCALES = {"hundred": 100, "thousand": 1_000, "million": 1_000_000, "billion": 1_000_000_000}
+_NUMBER_WORD = "|".join(sorted((*_UNITS, *_TENS, *_SCALES), key=len, reverse=True))
+_NUMBER_RUN = re.compile(rf"\b(?:{_NUMBER_WORD})(?:(?:[\s-]+|\s+and\s+)(?:{_NUMBER_WORD}))*\b", re.IGNORECASE)
+
+
+def _words_value(words: list[str]) -> int:
+    total, current = 0, 0
+    for w in words:
+        if w in _UNITS:
+            current += _UNITS[w]
+        elif w in _TENS:
+            current += _TENS[w]
+        elif w == "hundred":
+            current = max(current, 1) * 100
+        else:
+            total += max(current, 1) * _SCALES[w]
+            current = 0
+    return total + current
+
+
+def numbers_as_digits(text: str) -> str:
+    """Spelled-out cardinal numbers as digits, so "eight" and "8" are the same answer.
+
+    >>> numbers_as_digits("A spider has eight legs; a century has one hundred years, and twenty-one is 21.")
+    'A spider has 8 legs; a century has 100 years, and 21 is 21.'
+    >>> numbers_as_digits("three million and five")
+    '3000005'
+    """
+    def value(m: re.Match) -> str:
+        words = [w for w in re.split(r"[\s-]+", m.group(0).lower()) if w and w != "and"]
+        return str(_words_value(words))
+
+    return _NUMBER_RUN.sub(value, text)
+
+
+def canonical_answer(text: str) -> str:
+    """What two answers must share to be the same: :func:`normalize_answer` after :func:`numbers_as_digits`.
+
+    >>> canonical_answer("Eight legs."), canonical_answer("8 legs")
+    ('8 legs', '8 legs')
+    """
+    return normalize_answer(numbers_as_digits(text))
+
+
 # Phrasings of "I don't know" (R-Tuning's "I am unsure", SimpleQA's NOT_ATTEMPTED, KnowRL's refusals).
 _REFUSAL = re.compile(
     r"^\W*(?:"

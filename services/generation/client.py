@@ -24,17 +24,25 @@ GreedyFn = Callable[[Sequence[Sequence[dict]], int], Awaitable[list[tuple[str, l
 
 
 class GenerationClient(ServiceClient[pb_grpc.GenerationServiceStub]):
-    """``await GenerationClient("127.0.0.1:50054").generate(["What is the capital of France?"], max_tokens=32)``"""
+    """``await GenerationClient("127.0.0.1:50054").generate(["What is the capital of France?"], max_tokens=32)``
 
-    def __init__(self, target: str, options: ClientOptions | None = None, app_name: str = GENERATION_APP):
+    ``model`` names the served model every call uses unless a call names another ("" = the service's default).
+    """
+
+    def __init__(self, target: str, options: ClientOptions | None = None, app_name: str = GENERATION_APP,
+                 model: str = ""):
         options = options or ClientOptions()
         options.extra_metadata = tuple(options.extra_metadata) + (("application", app_name),)
         super().__init__("generation", target, pb_grpc.GenerationServiceStub, options)
+        self.model = model
+
+    def _model(self, model: str | None) -> str:
+        return self.model if model is None else model
 
     async def generate(self, prompts: Sequence[str | Sequence[dict]], *, temperature: float = 0.0,
                        top_p: float = 1.0, max_tokens: int = 0, n: int = 1, stop: Sequence[str] = (),
                        seed: int | None = None, return_logprobs: bool = False, tool_protocol: str = "",
-                       max_tool_turns: int = 0, retrieval_top_k: int = 0,
+                       max_tool_turns: int = 0, retrieval_top_k: int = 0, model: str | None = None,
                        timeout: float | None = None) -> pb.GenerateResponse:
         sampling = pb.SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, n=n,
                                      stop=list(stop))
@@ -43,8 +51,17 @@ class GenerationClient(ServiceClient[pb_grpc.GenerationServiceStub]):
         request = pb.GenerateRequest(prompts=[prompt_to_proto(p) for p in prompts], sampling=sampling,
                                      return_logprobs=return_logprobs,
                                      tool_protocol=pb.ToolProtocol.Value(enum_name(tool_protocol)),
-                                     max_tool_turns=max_tool_turns, retrieval_top_k=retrieval_top_k)
+                                     max_tool_turns=max_tool_turns, retrieval_top_k=retrieval_top_k,
+                                     model=self._model(model))
         return await self.call("Generate", request, timeout=timeout)
+
+    async def generate_stream(self, prompt: str | Sequence[dict], *, temperature: float = 0.0, max_tokens: int = 0,
+                              model: str | None = None, timeout: float | None = None):
+        """Token chunks of one completion (GenerateStream)."""
+        request = pb.GenerateStreamRequest(prompt=prompt_to_proto(prompt), model=self._model(model),
+                                           sampling=pb.SamplingParams(temperature=temperature, max_tokens=max_tokens))
+        async for chunk in self.stream("GenerateStream", request, timeout=timeout):
+            yield chunk
 
     async def greedy(self, prompts: Sequence[str | Sequence[dict]], max_tokens: int,
                      chunk: int = 64) -> list[tuple[str, list[float]]]:
@@ -57,9 +74,19 @@ class GenerationClient(ServiceClient[pb_grpc.GenerationServiceStub]):
             out += [(c.text, list(c.logprobs)) for c in reply.completions]
         return out
 
-    async def model_info(self) -> pb.GetModelInfoResponse:
-        return await self.call("GetModelInfo", pb.GetModelInfoRequest())
+    async def model_info(self, model: str | None = None) -> pb.GetModelInfoResponse:
+        return await self.call("GetModelInfo", pb.GetModelInfoRequest(model=self._model(model)))
 
-    async def update_weights(self, checkpoint_uri: str, version: int, timeout: float = 600.0) -> pb.UpdateWeightsResponse:
+    async def list_models(self) -> list[pb.GetModelInfoResponse]:
+        return list((await self.call("ListModels", pb.ListModelsRequest())).models)
+
+    async def update_weights(self, checkpoint_uri: str, version: int, timeout: float = 600.0,
+                             model: str | None = None) -> pb.UpdateWeightsResponse:
         return await self.call("UpdateWeights", pb.UpdateWeightsRequest(
-            checkpoint_uri=checkpoint_uri, version=version, transport=pb.WEIGHT_TRANSPORT_DISK), timeout=timeout)
+            checkpoint_uri=checkpoint_uri, version=version, transport=pb.WEIGHT_TRANSPORT_DISK,
+            model=self._model(model)), timeout=timeout)
+
+    async def rollback_weights(self, version: int, timeout: float = 600.0,
+                               model: str | None = None) -> pb.RollbackWeightsResponse:
+        return await self.call("RollbackWeights", pb.RollbackWeightsRequest(version=version, model=self._model(model)),
+                               timeout=timeout)

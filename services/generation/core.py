@@ -1,7 +1,7 @@
 """Generation without gRPC or Ray: validation, chat templates, n samples, the retrieval tool loop, weight versions.
 
-The Ray Serve deployment (issue #6, next step) wraps one :class:`GenerationCore` per replica; everything here is
-testable in-process.
+The Ray Serve deployment of each model (:mod:`.replica`) wraps one :class:`GenerationCore` per replica;
+everything here is testable in-process.
 
 **Tool loop** (R1-Searcher / Search-R1). With a tool protocol on, generation stops at the protocol's query end
 tag; the text since the last query start tag is sent to the retrieval service (one batched Search for every
@@ -12,7 +12,10 @@ wrote, 0 for inserted document tokens, aligned with ``token_ids`` — the traine
 **Weights.** The core holds the current engine and its version. :meth:`WeightSlot.prepare` loads a checkpoint
 beside the serving one and smoke-tests it; :meth:`WeightSlot.commit` swaps in one assignment. A request takes
 the engine (and its version) once, when it starts, so in-flight requests finish on the weights they began with
-and every completion reports the version that produced it.
+and every completion reports the version that produced it. Engines that reload weights in place (vLLM's
+``reload_weights``: no second copy in memory) are gated instead: the reload waits for the requests in flight to
+finish and holds new ones back for its duration (:class:`_Gate`), then smoke-tests the new weights and reloads the
+old ones if they fail. Versions only go up, except for a rollback (``rollback=True``) to a kept version.
 """
 
 from __future__ import annotations
@@ -93,6 +96,59 @@ class Weights:
     engine: Engine
     version: int
     checkpoint_uri: str
+    reload: bool = False  # in-place engine: commit() reloads ``checkpoint_uri`` into ``engine``
+
+
+class _Gate:
+    """Requests (readers) and an in-place weight reload (the writer): the reload waits for the requests in flight
+    and holds new ones back until it is done."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writing = False
+
+    def try_enter(self) -> bool:
+        with self._cond:
+            if self._writing:
+                return False
+            self._readers += 1
+            return True
+
+    def enter(self) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._writing)
+            self._readers += 1
+
+    def leave(self) -> None:
+        with self._cond:
+            self._readers -= 1
+            self._cond.notify_all()
+
+    def write(self):
+        from contextlib import contextmanager
+
+        @contextmanager
+        def writing():
+            with self._cond:
+                self._cond.wait_for(lambda: not self._writing)
+                self._writing = True
+                self._cond.wait_for(lambda: self._readers == 0)
+            try:
+                yield
+            finally:
+                with self._cond:
+                    self._writing = False
+                    self._cond.notify_all()
+
+        return writing()
+
+
+def _smoke(engine: Engine) -> None:
+    """One 2-token greedy generation; raises when it yields no tokens or non-finite logprobs."""
+    out = engine.generate([engine.encode("Hello")], [Sampling(temperature=0, max_tokens=2)])[0]
+    if not out.token_ids or not all(math.isfinite(x) for x in out.logprobs):
+        raise ValueError("smoke generation produced no tokens or non-finite logprobs")
 
 
 SearchFn = Callable[[list[str], int], Awaitable[list[list]]]
@@ -108,6 +164,7 @@ class WeightSlot:
         self._load = load
         self.checkpoint_root = checkpoint_root.resolve() if checkpoint_root else None
         self._lock = threading.Lock()
+        self.gate = _Gate()
 
     def check_uri(self, uri: str) -> Path:
         if not uri.strip():
@@ -120,38 +177,73 @@ class WeightSlot:
             raise InvalidArgument("checkpoint_uri", f"{path} does not exist")
         return path
 
-    def prepare(self, uri: str, version: int, smoke: bool = True) -> Weights:
+    def prepare(self, uri: str, version: int, smoke: bool = True, rollback: bool = False) -> Weights:
         """Load and smoke-test ``uri`` beside the serving weights; raise (serving unchanged) if it is unusable.
-        ``smoke=False`` skips the smoke generation for a checkpoint another replica already vetted."""
-        if version <= self.current.version:
+        ``smoke=False`` skips the smoke generation for a checkpoint another replica already vetted; ``rollback``
+        allows a version that is not newer (a kept one). An in-place engine only checks the checkpoint here (its
+        files, architecture and tensor shapes); :meth:`commit` reloads and smoke-tests it."""
+        if not rollback and version <= self.current.version:
             raise FailedPrecondition(f"version {version} is not newer than the serving version "
                                      f"{self.current.version}; versions are monotonic")
         path = self.check_uri(uri)
+        serving = self.current.engine
+        if getattr(serving, "reload_weights", None) is not None:
+            try:
+                serving.check_checkpoint(str(path))
+            except Exception as e:  # noqa: BLE001
+                raise FailedPrecondition(f"checkpoint {path} cannot be loaded into the serving "
+                                         f"{getattr(serving, 'architecture', 'model')}: {type(e).__name__}: {e}") from None
+            return Weights(serving, version, str(path), reload=True)
         try:
-            engine = self._load(str(path), self.current.engine)
+            engine = self._load(str(path), serving)
         except Exception as e:  # noqa: BLE001 - any load failure is reported with its cause
             raise FailedPrecondition(f"checkpoint {path} failed to load: {type(e).__name__}: {e}") from None
-        serving = getattr(self.current.engine, "architecture", None)
-        if serving and getattr(engine, "architecture", serving) != serving:
-            raise FailedPrecondition(f"checkpoint {path} is a {engine.architecture}, the service runs {serving}")
-        if not smoke:
-            return Weights(engine, version, str(path))
-        try:
-            out = engine.generate([engine.encode("Hello")], [Sampling(temperature=0, max_tokens=2)])[0]
-            if not out.token_ids or not all(math.isfinite(x) for x in out.logprobs):
-                raise ValueError("smoke generation produced no tokens or non-finite logprobs")
-        except Exception as e:  # noqa: BLE001
-            raise FailedPrecondition(f"checkpoint {path} failed the smoke generation: {e}") from None
+        architecture = getattr(serving, "architecture", None)
+        if architecture and getattr(engine, "architecture", architecture) != architecture:
+            raise FailedPrecondition(f"checkpoint {path} is a {engine.architecture}, the service runs {architecture}")
+        if smoke:
+            try:
+                _smoke(engine)
+            except Exception as e:  # noqa: BLE001
+                raise FailedPrecondition(f"checkpoint {path} failed the smoke generation: {e}") from None
         return Weights(engine, version, str(path))
 
-    def commit(self, weights: Weights) -> Weights:
-        """Swap in ``weights``; returns the previous ones. Refuses a version that is no longer newer."""
+    def commit(self, weights: Weights, rollback: bool = False) -> Weights:
+        """Swap in ``weights``; returns the previous ones. Refuses a version that is no longer newer (unless
+        ``rollback``). An in-place engine reloads after the requests in flight finish, then smoke-tests; weights
+        that fail are replaced by the previous checkpoint again and the swap is refused."""
         with self._lock:
-            if weights.version <= self.current.version:
+            if not rollback and weights.version <= self.current.version:
                 raise FailedPrecondition(f"version {weights.version} is not newer than the serving version "
                                          f"{self.current.version}; versions are monotonic")
+            if weights.reload:
+                engine = weights.engine
+                with self.gate.write():
+                    try:
+                        engine.reload_weights(weights.checkpoint_uri)
+                        _smoke(engine)
+                    except Exception as e:  # noqa: BLE001
+                        engine.reload_weights(self.current.checkpoint_uri)
+                        raise FailedPrecondition(f"checkpoint {weights.checkpoint_uri} failed after the reload "
+                                                 f"({type(e).__name__}: {e}); the previous weights are back") from None
+                    previous, self.current = self.current, weights
+                return previous
             previous, self.current = self.current, weights
             return previous
+
+    async def acquire(self) -> Weights:
+        """The weights a request runs on; with an in-place engine the request is counted until :meth:`release`
+        (a reload waits for it)."""
+        weights = self.current
+        if not weights.reload and getattr(weights.engine, "reload_weights", None) is None:
+            return weights
+        if not self.gate.try_enter():
+            await asyncio.to_thread(self.gate.enter)
+        return self.current
+
+    def release(self, weights: Weights) -> None:
+        if weights.reload or getattr(weights.engine, "reload_weights", None) is not None:
+            self.gate.leave()
 
 
 class GenerationCore:
@@ -220,7 +312,14 @@ class GenerationCore:
     # -- generation
     async def generate(self, prompts: Sequence[Prompt], params: GenerateParams) -> list[Completion]:
         p, protocol = self._validate(prompts, params)
-        weights = self.slot.current  # this request's weights, even if a swap commits meanwhile
+        weights = await self.slot.acquire()  # this request's weights, even if a swap commits meanwhile
+        try:
+            return await self._generate(prompts, p, protocol, weights)
+        finally:
+            self.slot.release(weights)
+
+    async def _generate(self, prompts: Sequence[Prompt], p: GenerateParams, protocol: ToolProtocol | None,
+                        weights: Weights) -> list[Completion]:
         engine = weights.engine
         prompt_ids: list[list[int]] = []
         for i, pr in enumerate(prompts):
@@ -273,12 +372,17 @@ class GenerationCore:
     async def stream(self, prompt: Prompt, params: GenerateParams):
         """Token deltas of one sample as the model writes them; the last delta has the finish reason, usage and
         (when asked) every token's logprob."""
-        from services.generation.engine import stream_tokens
-
         if params.tool_protocol:
             raise InvalidArgument("tool_protocol", "GenerateStream has no tool loop; use Generate")
         p, _ = self._validate([prompt], GenerateParams(**{**params.__dict__, "n": 1}))
-        weights = self.slot.current
+        weights = await self.slot.acquire()
+        try:
+            async for delta in self._stream(prompt, p, weights):
+                yield delta
+        finally:
+            self.slot.release(weights)
+
+    async def _stream(self, prompt: Prompt, p: GenerateParams, weights: Weights):
         engine = weights.engine
         ids = engine.apply_chat_template(prompt.messages) if prompt.messages is not None else engine.encode(prompt.text)
         if len(ids) >= engine.max_model_len:
@@ -287,7 +391,7 @@ class GenerationCore:
                             p.stop, p.seed, logprobs=p.return_logprobs)
         sent: list[int] = []
         emitted, shown = 0, ""
-        async for item in _iterate_in_thread(stream_tokens(engine, ids, sampling)):
+        async for item in _iterate_in_thread(engine.stream(ids, sampling)):
             if isinstance(item, EngineOutput):  # the end: whatever is left, and the totals
                 tail = completion_text(engine, item.token_ids)[len(shown):]
                 yield StreamDelta(tail, item.token_ids[emitted:], item.logprobs if p.return_logprobs else [],

@@ -1,6 +1,6 @@
 """Run the generation service on Ray Serve: a local Ray head (or an existing cluster), the Serve application
-deployed declaratively through Serve's REST API (the same path as ``serve deploy`` and KubeRay's RayService),
-and weight swaps as config redeploys that change only ``user_config``.
+deployed declaratively through Serve's REST API (the same path as ``serve deploy`` and KubeRay's RayService), and
+the REST reads and writes a weight swap is made of (:mod:`.controller` decides what to write).
 
 ``python -m services.generation`` starts a local head with explicit ports and CPUs, deploys, waits until the
 application is RUNNING, and on SIGTERM shuts Serve and its own Ray down (never ``ray stop``).
@@ -12,14 +12,14 @@ import json
 import logging
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from services.common.errors import FailedPrecondition, Unavailable
+from services.generation.app import APP_IMPORT_PATH, INGRESS, SERVICER_FUNCTIONS, deployment_name
 from services.generation.config import GenerationSettings
-from services.generation.server import APP_IMPORT_PATH, SERVICER_FUNCTIONS
 
-DEPLOYMENT = "GenerationDeployment"
 log = logging.getLogger(__name__)
 
 
@@ -34,21 +34,31 @@ def settings_args(s: GenerationSettings) -> dict[str, Any]:
     return {k: v for k, v in data.items() if v is not None}
 
 
-def serve_config(s: GenerationSettings, user_config: dict | None = None) -> dict[str, Any]:
-    """A Serve deploy config (``serve deploy`` schema) for the generation application."""
+def initial_user_config(version: int) -> dict:
+    """A model deployment's user_config before any swap (swap 0: the weights the replicas start with)."""
+    return {"swap": 0, "version": version}
+
+
+def serve_config(s: GenerationSettings, user_configs: dict[str, dict] | None = None) -> dict[str, Any]:
+    """A Serve deploy config (``serve deploy`` schema) for the generation application: the ingress and one
+    deployment per model, each with its weights in ``user_config`` (``user_configs``: model -> user_config)."""
+    user_configs = user_configs or {}
+    models = s.resolved_models()
     return {
         "proxy_location": "HeadOnly",
         "http_options": {"host": s.host, "port": s.http_port},
         "grpc_options": {"port": s.port, "grpc_servicer_functions": SERVICER_FUNCTIONS},
         "applications": [{
             "name": s.app_name,
-            "route_prefix": f"/{s.app_name}",
+            "route_prefix": "/",
             "import_path": APP_IMPORT_PATH,
             "args": settings_args(s),
             "runtime_env": {"env_vars": {"PROMETHEUS_MULTIPROC_DIR": str(Path(s.metrics_dir).resolve()),
-                                         "OMP_NUM_THREADS": str(s.threads_per_replica)}},
-            "deployments": [{"name": DEPLOYMENT, "num_replicas": s.replicas,
-                             "user_config": user_config or {"version": s.initial_version}}],
+                                         "OMP_NUM_THREADS": str(min(m.threads for m in models))}},
+            "deployments": [{"name": INGRESS, "num_replicas": 1}] + [
+                {"name": deployment_name(m.name), "num_replicas": m.replicas,
+                 "user_config": user_configs.get(m.name) or initial_user_config(m.initial_version)}
+                for m in models],
         }],
     }
 
@@ -61,6 +71,22 @@ def _client(s: GenerationSettings):
 
 def _app(s: GenerationSettings) -> dict:
     return (_client(s).get_serve_details().get("applications") or {}).get(s.app_name) or {}
+
+
+@dataclass
+class DeployedState:
+    """What Serve has deployed (one REST read): each model's user_config and the last deploy time."""
+
+    user_configs: dict[str, dict] = field(default_factory=dict)  # model -> user_config
+    deployed_at: float = 0.0
+
+
+def deployed_state(s: GenerationSettings) -> DeployedState:
+    app = _app(s)
+    deployments = {d.get("name"): dict(d.get("user_config") or {})
+                   for d in ((app.get("deployed_app_config") or {}).get("deployments") or [])}
+    return DeployedState({m.name: deployments.get(deployment_name(m.name), {}) for m in s.resolved_models()},
+                         float(app.get("last_deployed_time_s") or 0.0))
 
 
 def wait_running(s: GenerationSettings, timeout: float, deployed_after: float = 0.0) -> None:
@@ -82,49 +108,30 @@ def wait_running(s: GenerationSettings, timeout: float, deployed_after: float = 
                       f"deployments {deployments})")
 
 
-def deploy(s: GenerationSettings, user_config: dict | None = None, timeout: float = 600.0,
+def deploy(s: GenerationSettings, user_configs: dict[str, dict] | None = None, timeout: float = 600.0,
            deployed_before: float | None = None) -> None:
-    before = float(_app(s).get("last_deployed_time_s") or 0.0) if deployed_before is None else deployed_before
+    """PUT the application config (model -> user_config as given; the others' as deployed) and wait for it."""
+    before = _app(s).get("last_deployed_time_s") if deployed_before is None else deployed_before
     t0 = time.perf_counter()
-    _client(s).deploy_applications(serve_config(s, user_config))
+    _client(s).deploy_applications(serve_config(s, user_configs))
     t1 = time.perf_counter()
-    wait_running(s, timeout, deployed_after=before)
+    wait_running(s, timeout, deployed_after=float(before or 0.0))
     log.info("deploy: REST PUT %.3f s, until RUNNING %.3f s", t1 - t0, time.perf_counter() - t1)
 
 
-def current_user_config(s: GenerationSettings, app: dict | None = None) -> dict:
-    deployed = ((app if app is not None else _app(s)).get("deployed_app_config") or {})
-    for d in deployed.get("deployments") or []:
-        if d.get("name") == DEPLOYMENT:
-            return dict(d.get("user_config") or {})
-    return {}
-
-
-def deployed_state(s: GenerationSettings) -> tuple[int, float]:
-    """(deployed weight version, Serve's last deploy time) from one REST read."""
-    app = _app(s)
-    return int(current_user_config(s, app).get("version", 0)), float(app.get("last_deployed_time_s") or 0.0)
-
-
-def redeploy_weights(s: GenerationSettings, checkpoint_uri: str, version: int,
-                     deployed: tuple[int, float] | None = None) -> None:
-    """Redeploy with only ``user_config`` changed: Serve runs ``reconfigure`` on every live replica in place
-    (all at once with ``rollout_fraction`` 1.0); returns once the application is RUNNING again (every replica
-    swapped). ``deployed`` is :func:`deployed_state` read beforehand (UpdateWeights reads it while it vets the
-    checkpoint); ``vetted`` tells the replicas the checkpoint already passed the smoke generation."""
-    deployed_version, deployed_at = deployed if deployed is not None else deployed_state(s)
-    if deployed_version >= version:
-        raise FailedPrecondition(f"version {version} is not newer than the deployed version {deployed_version}; "
-                                 "versions are monotonic")
-    deploy(s, {"checkpoint_uri": checkpoint_uri, "version": version, "vetted": True},
-           timeout=s.swap_timeout_seconds, deployed_before=deployed_at)
+def redeploy_user_config(s: GenerationSettings, model: str, user_config: dict, state: DeployedState) -> None:
+    """Redeploy with only ``model``'s ``user_config`` changed: Serve runs ``reconfigure`` on that model's live
+    replicas in place (all at once with ``rollout_fraction`` 1.0) and touches no other model; returns once the
+    application is RUNNING again (every replica swapped). ``state`` is :func:`deployed_state` read beforehand."""
+    configs = {**state.user_configs, model: user_config}
+    deploy(s, configs, timeout=s.swap_timeout_seconds, deployed_before=state.deployed_at)
 
 
 def start_local_ray(s: GenerationSettings):
     """A local Ray head with explicit CPUs and dashboard port, and Serve's proxies on the configured ports."""
     import ray
     from ray import serve
-    from ray.serve.config import gRPCOptions, HTTPOptions
+    from ray.serve.config import HTTPOptions, gRPCOptions
 
     ray.init(address=s.ray_address or None, num_cpus=None if s.ray_address else s.ray_num_cpus,
              include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=s.dashboard_port,

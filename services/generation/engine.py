@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -118,6 +118,28 @@ class Engine(Protocol):
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: Sequence[Sampling]) -> list[EngineOutput]: ...
 
+    def stream(self, prompt: Sequence[int], s: Sampling) -> Iterator[int | EngineOutput]:
+        """Token ids as they are produced, then the :class:`EngineOutput`."""
+        ...
+
+
+def checkpoint_parameters(path: str | Path) -> int:
+    """Parameters stored in a model folder's safetensors files (read from their headers; nothing is loaded).
+
+    >>> checkpoint_parameters("/nonexistent")
+    0
+    """
+    import json
+
+    total = 0
+    for f in Path(path).glob("*.safetensors"):
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        for name, t in header.items():
+            if name != "__metadata__":
+                total += math.prod(t["shape"])
+    return total
+
 
 def end_token_ids(tokenizer, generation_config=None) -> frozenset[int]:
     """Token ids that end a sequence: the tokenizer's EOS, the generation config's EOS id(s) (a chat model may list
@@ -205,6 +227,7 @@ class TransformersEngine:
         self.max_model_len = min(max_model_len, int(getattr(model.config, "max_position_embeddings", max_model_len)))
         self.architecture = (model.config.architectures or [type(model).__name__])[0]
         self.end_ids = end_token_ids(tokenizer, getattr(model, "generation_config", None))
+        self.parameters = sum(p.numel() for p in model.parameters())
         self.tokenizer_fingerprint = ""  # set by from_path
         self._lock = threading.Lock()
 
@@ -250,6 +273,32 @@ class TransformersEngine:
     def _generate_with_streamer(self, prompt: Sequence[int], s: Sampling, streamer) -> EngineOutput:
         with self._lock:
             return self._generate_batch([prompt], s, streamer)[0]
+
+    def stream(self, prompt: Sequence[int], s: Sampling):
+        """Generate one sample, yielding token ids as they are produced; finally yields the :class:`EngineOutput`.
+
+        Runs ``generate`` in a worker thread with a streamer; the caller iterates in its own thread.
+        """
+        import queue
+
+        q: queue.Queue = queue.Queue()
+        result: dict = {}
+
+        def run():
+            try:
+                result["out"] = self._generate_with_streamer(prompt, s, _QueueStreamer(q))
+            except Exception as e:  # noqa: BLE001 - re-raised in the consumer
+                result["error"] = e
+                q.put(None)
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        while (tid := q.get()) is not None:
+            yield tid
+        t.join()
+        if "error" in result:
+            raise result["error"]
+        yield result["out"]
 
     def _generate_batch(self, prompts: list[Sequence[int]], s: Sampling, streamer=None) -> list[EngineOutput]:
         import torch
@@ -323,32 +372,6 @@ class _QueueStreamer:
 
     def end(self) -> None:
         self.q.put(None)
-
-
-def stream_tokens(engine: TransformersEngine, prompt: Sequence[int], s: Sampling):
-    """Generate one sample, yielding token ids as they are produced; finally yields the :class:`EngineOutput`.
-
-    Runs ``generate`` in a worker thread with a streamer; the caller iterates in its own thread.
-    """
-    import queue
-
-    q: queue.Queue = queue.Queue()
-    result: dict = {}
-    def run():
-        try:
-            result["out"] = engine._generate_with_streamer(prompt, s, _QueueStreamer(q))
-        except Exception as e:  # noqa: BLE001 - re-raised in the consumer
-            result["error"] = e
-            q.put(None)
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    while (tid := q.get()) is not None:
-        yield tid
-    t.join()
-    if "error" in result:
-        raise result["error"]
-    yield result["out"]
 
 
 def batch_wait(wait_seconds: float, wait_fraction: float, last_call_seconds: float, last_batch: int) -> float:

@@ -1,65 +1,37 @@
-"""The generation service as a Ray Serve deployment behind Serve's gRPC proxy: protos <-> :mod:`.core`.
+"""The generation service's ingress behind Serve's gRPC proxy: protos <-> domain, and routing to the named model.
 
-Serve routes each gRPC method to the deployment method of the same name (``Generate``, ``GenerateStream``,
-``GetModelInfo``, ``UpdateWeights``, and ``Check`` for ``grpc.health.v1.Health``). Domain errors become status
-codes through ``grpc_context`` (Serve's proxy replaces the shared interceptor here).
-
-**Hot swap.** Weights live in the deployment's ``user_config`` (``{"checkpoint_uri", "version"}``).
-``UpdateWeights`` first loads and smoke-tests the checkpoint on the replica that received it (a bad checkpoint
-is refused with FAILED_PRECONDITION and nothing changes), then redeploys the application config with the new
-``user_config`` through Serve's REST API — an in-place ``reconfigure()`` on every live replica at once
-(``rolling_update_percentage`` = ``rollout_fraction``), not a rolling restart — and acknowledges once Serve
-reports the application RUNNING again, i.e. every replica has swapped.
-Each replica loads the new weights beside the old ones and swaps in one assignment; requests already running
-finish on the weights they started with, and every completion carries the version that produced it.
+Serve routes each gRPC method to the ingress method of the same name (``Generate``, ``GenerateStream``,
+``GetModelInfo``, ``ListModels``, ``UpdateWeights``, ``RollbackWeights``, and ``Check`` for
+``grpc.health.v1.Health``). The ingress translates the request, forwards it to the named model's deployment
+handle (:class:`~services.generation.replica.ModelReplica`) or to the weight controller
+(:mod:`.controller`), and translates the answer back. Errors map to status codes with the shared
+:func:`~services.common.status.status_of` (Serve's proxy has no interceptor) and every call is counted and timed
+with the shared :class:`~services.common.status.CallRecord`. The OpenAI-compatible HTTP routes
+(:mod:`.openai_api`) are mounted on the same ingress.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import os
-import time
 from typing import Any
 
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from knowserve.generation.v1 import generation_service_pb2 as pb
-from services.common.errors import FailedPrecondition, InvalidArgument, KnowserveError
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.common.server import check_parsed
 from services.common.status import CallRecord, status_of
 
 log = logging.getLogger(__name__)
 
-APP_IMPORT_PATH = "services.generation.server:app_builder"
-SERVICER_FUNCTIONS = [
-    "knowserve.generation.v1.generation_service_pb2_grpc.add_GenerationServiceServicer_to_server",
-    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
-]
 _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "tool_turns": pb.FINISH_REASON_TOOL_TURNS}
 
 
-def _fail(grpc_context, exc: Exception, empty, record: CallRecord | None = None):
-    """Set a failed call's status on Serve's gRPC context (the shared mapping, :func:`status_of`)."""
-    code, details = status_of(exc)
-    if record is not None:
-        record.code = code
-    if grpc_context is not None:
-        grpc_context.set_code(code)
-        grpc_context.set_details(details)
-    return empty
-
-
-def _timed(method: str) -> CallRecord:
-    """Count and time one RPC into the generation metrics (the shared :class:`CallRecord`)."""
-    from services.generation import metrics as m
-
-    return CallRecord(m.REQUESTS, m.REQUEST_SECONDS, method=method)
-
-
-def prompts_from_proto(request: pb.GenerateRequest):
+def prompts_from_proto(prompts) -> list:
     from services.generation.core import Prompt
 
     out = []
-    for i, p in enumerate(request.prompts):
+    for i, p in enumerate(prompts):
         kind = p.WhichOneof("input")
         if kind == "chat":
             out.append(Prompt(messages=[{"role": m.role, "content": m.content} for m in p.chat.messages]))
@@ -70,21 +42,20 @@ def prompts_from_proto(request: pb.GenerateRequest):
     return out
 
 
-def params_from_proto(request: pb.GenerateRequest):
+def params_from_proto(sampling: pb.SamplingParams, return_logprobs: bool, tool_protocol: int = 0,
+                      max_tool_turns: int = 0, retrieval_top_k: int = 0):
+    from services.common.tools import from_enum_name
     from services.generation.core import GenerateParams
 
-    from services.common.tools import from_enum_name
-
-    s = request.sampling
+    s = sampling
     try:
-        tool_protocol = from_enum_name(pb.ToolProtocol.Name(request.tool_protocol))
+        protocol = from_enum_name(pb.ToolProtocol.Name(tool_protocol))
     except ValueError:
-        raise InvalidArgument("tool_protocol", f"unknown tool protocol enum value {request.tool_protocol}") from None
+        raise InvalidArgument("tool_protocol", f"unknown tool protocol enum value {tool_protocol}") from None
     return GenerateParams(
         temperature=s.temperature, top_p=s.top_p or 1.0, top_k=s.top_k, max_tokens=s.max_tokens, n=s.n or 1,
-        stop=tuple(s.stop), seed=s.seed if s.HasField("seed") else None, return_logprobs=request.return_logprobs,
-        tool_protocol=tool_protocol, max_tool_turns=request.max_tool_turns,
-        retrieval_top_k=request.retrieval_top_k)
+        stop=tuple(s.stop), seed=s.seed if s.HasField("seed") else None, return_logprobs=return_logprobs,
+        tool_protocol=protocol, max_tool_turns=max_tool_turns, retrieval_top_k=retrieval_top_k)
 
 
 def completion_to_proto(c) -> pb.Completion:
@@ -96,90 +67,78 @@ def completion_to_proto(c) -> pb.Completion:
         weight_version=c.weight_version, tool_turns=c.tool_turns, prompt_token_ids=c.prompt_token_ids)
 
 
-def _log_to_replica_log(level: str) -> None:
-    """Send this package's log records to the replica's Serve log (``ray.serve``'s handlers), where Serve puts
-    a replica's own lines; otherwise they would go nowhere inside a replica."""
-    serve_logger = logging.getLogger("ray.serve")
-    ours = logging.getLogger("services")
-    for handler in serve_logger.handlers:
-        if handler not in ours.handlers:
-            ours.addHandler(handler)
-    ours.setLevel(level.upper())
-    ours.propagate = False
+def state_to_proto(st, replicas: int, max_tokens_limit: int, default: bool) -> pb.GetModelInfoResponse:
+    kept = []
+    for k in st.kept:
+        t = Timestamp()
+        t.FromSeconds(int(k.get("time", 0)))
+        kept.append(pb.KeptVersion(version=int(k["version"]), checkpoint_uri=str(k["checkpoint_uri"]), publish_time=t))
+    return pb.GetModelInfoResponse(
+        model=st.model, model_name=st.model_name, architecture=st.architecture, engine=st.engine,
+        weight_version=st.weight_version, checkpoint_uri=st.checkpoint_uri, max_model_len=st.max_model_len,
+        max_tokens_limit=max_tokens_limit, replicas=replicas, end_of_sequence_tokens=st.end_of_sequence_tokens,
+        parameters=st.parameters, latest_version=st.latest_version, kept_versions=kept, is_default=default)
 
 
-class GenerationDeployment:
-    """One Serve replica: a :class:`GenerationCore` over a transformers engine."""
+class GenerationIngress:
+    """The ingress deployment: every gRPC method (and, with :mod:`.openai_api`, the HTTP routes)."""
 
-    def __init__(self, settings: dict[str, Any]):
-        import torch
-
-        from services.common.clients import ClientOptions
-        from services.common.models import smollm2_folder
-        from services.generation.config import GenerationSettings
+    def __init__(self, settings: dict[str, Any], models: dict):
         from services.generation import metrics as m
-        from services.generation.core import GenerationCore, Weights, WeightSlot
-        from services.generation.engine import BatchingEngine, TransformersEngine
-        from services.retrieval.client import RetrievalClient
+        from services.generation.config import GenerationSettings
+        from services.generation.controller import WeightController
+        from services.generation.replica import log_to_replica_log
 
         self.settings = s = GenerationSettings(**settings)
-        _log_to_replica_log(s.log_level)
-        torch.set_num_threads(s.threads_per_replica)
-        path = str(s.model_path or smollm2_folder())
+        log_to_replica_log(s.log_level)
+        self.models = models  # name -> deployment handle, in the configured order
+        self.default_model = s.resolved_default_model()
+        self.replicas = {m_.name: m_.replicas for m_ in s.resolved_models()}
+        self.controller = WeightController(s, models, on_swap=lambda model, r: m.SWAPS.labels(model, r).inc())
+        self._ready: set[str] = set()  # models that have answered (health)
 
-        def load(p: str, like=None):  # like: the serving engine, whose tokenizer is reused when unchanged
-            if s.engine == "vllm":  # continuous batching inside vLLM; a swap loads a second engine beside
-                from services.generation.vllm_engine import VllmEngine
+    # -- shared
+    def resolve(self, model: str) -> tuple[str, Any]:
+        """(name, handle) of the named model ('' = the default); NOT_FOUND listing the served ones."""
+        name = model or self.default_model
+        if name not in self.models:
+            raise NotFound(f"model {name!r} is not served; served models: {list(self.models)}")
+        return name, self.models[name]
 
-                return VllmEngine(p, s.max_model_len, dtype="float32" if s.device == "cpu" else "bfloat16")
-            return BatchingEngine(TransformersEngine.from_path(p, s.max_model_len, s.device, like=like), s.max_batch,
-                                  s.batch_wait_seconds, observe=m.BATCH.observe, wait_fraction=s.batch_wait_fraction)
-
-        self.slot = WeightSlot(Weights(load(path), s.initial_version, path), load, s.checkpoint_root)
-        m.WEIGHT_VERSION.set(s.initial_version)
-        self.retrieval = RetrievalClient(s.retrieval_target, ClientOptions(timeout_seconds=60))
-
-        async def search(queries, top_k):
-            return await self.retrieval.search(queries, top_k=top_k)
-
-        self.core = GenerationCore(self.slot, s.limits(), search)
-        self.prepared: dict[int, Any] = {}  # version -> Weights loaded by UpdateWeights on this replica
-
-    # -- hot swap: Serve calls this on every live replica when user_config changes
-    async def reconfigure(self, user_config: dict) -> None:
+    def _record(self, method: str, model: str) -> CallRecord:
+        """A call record labelled by the served model it names (unknown names: "unknown", so a caller cannot
+        grow the label set)."""
         from services.generation import metrics as m
 
-        start = time.perf_counter()
-        version = int(user_config.get("version", 0))
-        uri = str(user_config.get("checkpoint_uri", ""))
-        if not uri or version <= self.slot.current.version:
-            return
-        try:
-            vetted = bool(user_config.get("vetted"))  # smoke-tested by the replica that took UpdateWeights
-            weights = self.prepared.pop(version, None) or await asyncio.to_thread(self.slot.prepare, uri, version,
-                                                                                  not vetted)
-            previous = self.slot.commit(weights)
-            log.info("swapped weights %s -> %s (%s) in %.3f s", previous.version, version, uri,
-                     time.perf_counter() - start)
-            m.WEIGHT_VERSION.set(version)
-            m.SWAPS.labels("ok").inc()
-        except KnowserveError as e:  # keep serving the old weights; UpdateWeights already vetted this checkpoint
-            m.SWAPS.labels("failed").inc()
-            log.error("weight swap to version %s failed, still serving %s: %s", version, self.slot.current.version, e)
+        label = (model or self.default_model) if (model or self.default_model) in self.models else "unknown"
+        return CallRecord(m.REQUESTS, m.REQUEST_SECONDS, method=method, model=label)
+
+    @staticmethod
+    def _fail(grpc_context, exc: BaseException, empty, record: CallRecord):
+        record.code, details = status_of(exc)
+        if grpc_context is not None:
+            grpc_context.set_code(record.code)
+            grpc_context.set_details(details)
+        return empty
+
+    async def model_info(self, model: str) -> pb.GetModelInfoResponse:
+        name, handle = self.resolve(model)
+        st = await handle.state.remote()
+        return state_to_proto(st, self.replicas[name], self.settings.max_tokens_limit, name == self.default_model)
 
     # -- RPCs
     async def Generate(self, request: pb.GenerateRequest, grpc_context=None) -> pb.GenerateResponse:
-        from services.generation import metrics as m
-
-        with _timed("Generate") as record:
+        model = getattr(request, "model", "")
+        with self._record("Generate", model) as record:
             try:
-                completions = await self.core.generate(prompts_from_proto(request), params_from_proto(request))
+                check_parsed(request)
+                name, handle = self.resolve(request.model)
+                prompts = prompts_from_proto(request.prompts)
+                params = params_from_proto(request.sampling, request.return_logprobs, request.tool_protocol,
+                                           request.max_tool_turns, request.retrieval_top_k)
+                completions = await handle.generate.remote(prompts, params)
             except Exception as e:  # noqa: BLE001 - mapped to a status code
-                return _fail(grpc_context, e, pb.GenerateResponse(), record)
-        for c in completions:
-            m.TOKENS.labels("model").inc(c.completion_tokens)
-            m.TOKENS.labels("tool").inc(c.tool_tokens)
-            m.TOOL_TURNS.observe(c.tool_turns)
+                return self._fail(grpc_context, e, pb.GenerateResponse(), record)
         usage = pb.Usage(prompt_tokens=sum(len(c.prompt_token_ids) for c in completions),
                          completion_tokens=sum(c.completion_tokens for c in completions),
                          tool_tokens=sum(c.tool_tokens for c in completions))
@@ -188,93 +147,86 @@ class GenerationDeployment:
 
     async def GenerateStream(self, request: pb.GenerateStreamRequest, grpc_context=None):
         """Token deltas of one sample as they are produced (no tool protocol on the stream)."""
-        from services.generation.core import GenerateParams
+        with self._record("GenerateStream", getattr(request, "model", "")) as record:
+            try:
+                check_parsed(request)
+                name, handle = self.resolve(request.model)
+                prompt = prompts_from_proto([request.prompt])[0]
+                params = params_from_proto(request.sampling, request.return_logprobs)
+                async for delta in handle.options(stream=True).stream.remote(prompt, params):
+                    yield pb.GenerateStreamResponse(
+                        text_delta=delta.text, token_ids=delta.token_ids, logprobs=delta.logprobs,
+                        finish_reason=_FINISH.get(delta.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
+                        weight_version=delta.weight_version,
+                        usage=pb.Usage(prompt_tokens=delta.prompt_tokens, completion_tokens=delta.completion_tokens))
+            except Exception as e:  # noqa: BLE001
+                self._fail(grpc_context, e, None, record)
 
-        try:
-            prompts = prompts_from_proto(pb.GenerateRequest(prompts=[request.prompt]))
-            s = request.sampling
-            params = GenerateParams(temperature=s.temperature, top_p=s.top_p or 1.0, top_k=s.top_k,
-                                    max_tokens=s.max_tokens, n=1, stop=tuple(s.stop),
-                                    seed=s.seed if s.HasField("seed") else None,
-                                    return_logprobs=request.return_logprobs)
-            from services.generation import metrics as m
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, grpc_context=None) -> pb.GetModelInfoResponse:
+        with self._record("GetModelInfo", getattr(request, "model", "")) as record:
+            try:
+                check_parsed(request)
+                return await self.model_info(request.model)
+            except Exception as e:  # noqa: BLE001
+                return self._fail(grpc_context, e, pb.GetModelInfoResponse(), record)
 
-            start, first = time.perf_counter(), True
-            async for delta in self.core.stream(prompts[0], params):
-                if first and delta.token_ids:
-                    m.TTFT.observe(time.perf_counter() - start)
-                    first = False
-                m.TOKENS.labels("model").inc(len(delta.token_ids))
-                yield pb.GenerateStreamResponse(
-                    text_delta=delta.text, token_ids=delta.token_ids, logprobs=delta.logprobs,
-                    finish_reason=_FINISH.get(delta.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
-                    weight_version=delta.weight_version,
-                    usage=pb.Usage(prompt_tokens=delta.prompt_tokens, completion_tokens=delta.completion_tokens))
-        except Exception as e:  # noqa: BLE001
-            _fail(grpc_context, e, None)
-
-    async def GetModelInfo(self, request, grpc_context=None) -> pb.GetModelInfoResponse:
-        w = self.slot.current
-        return pb.GetModelInfoResponse(
-            model_name=os.path.basename(str(self.settings.model_path or "SmolLM2-135M-Instruct")),
-            architecture=getattr(w.engine, "architecture", ""), engine=w.engine.name, weight_version=w.version,
-            checkpoint_uri=w.checkpoint_uri, max_model_len=w.engine.max_model_len,
-            max_tokens_limit=self.settings.max_tokens_limit, replicas=self.settings.replicas,
-            end_of_sequence_tokens=[w.engine.decode([t]) for t in sorted(w.engine.end_ids)])
+    async def ListModels(self, request: pb.ListModelsRequest, grpc_context=None) -> pb.ListModelsResponse:
+        with self._record("ListModels", self.default_model) as record:
+            try:
+                check_parsed(request)
+                names = [self.default_model] + [n for n in self.models if n != self.default_model]
+                return pb.ListModelsResponse(models=[await self.model_info(n) for n in names])
+            except Exception as e:  # noqa: BLE001
+                return self._fail(grpc_context, e, pb.ListModelsResponse(), record)
 
     async def UpdateWeights(self, request: pb.UpdateWeightsRequest, grpc_context=None) -> pb.UpdateWeightsResponse:
-        from services.generation import metrics as m
-
-        start = time.perf_counter()
-        try:
-            if request.transport == pb.WEIGHT_TRANSPORT_COLLECTIVE:
-                raise FailedPrecondition("WEIGHT_TRANSPORT_COLLECTIVE pushes tensors to vLLM GPU workers "
-                                         "(collective_rpc); this replica runs the transformers engine: use DISK")
-            previous = self.slot.current.version
-            from services.generation.deploy import deployed_state, redeploy_weights
-
-            # read what Serve has deployed while this replica vets the checkpoint: a bad one never reaches the
-            # other replicas
-            reading = asyncio.ensure_future(asyncio.to_thread(deployed_state, self.settings))
+        with self._record("UpdateWeights", getattr(request, "model", "")) as record:
             try:
-                weights = await asyncio.to_thread(self.slot.prepare, request.checkpoint_uri, request.version)
-            except BaseException:
-                await asyncio.gather(reading, return_exceptions=True)  # the vetting error is the answer
-                raise
-            deployed = await reading
-            self.prepared[request.version] = weights  # reconfigure() on this replica takes it from here
-            vetted = time.perf_counter()
+                check_parsed(request)
+                name, _ = self.resolve(request.model)
+                if request.transport == pb.WEIGHT_TRANSPORT_COLLECTIVE:
+                    raise FailedPrecondition("WEIGHT_TRANSPORT_COLLECTIVE pushes tensors to vLLM GPU workers over "
+                                             "NCCL (collective_rpc), which needs a collective group between the "
+                                             "trainer and the workers: use DISK")
+                r = await self.controller.update(name, request.checkpoint_uri, request.version)
+            except Exception as e:  # noqa: BLE001
+                return self._fail(grpc_context, e, pb.UpdateWeightsResponse(), record)
+        return pb.UpdateWeightsResponse(version=r.version, previous_version=r.previous_version,
+                                        replicas_updated=r.replicas, swap_seconds=r.seconds)
+
+    async def RollbackWeights(self, request: pb.RollbackWeightsRequest,
+                              grpc_context=None) -> pb.RollbackWeightsResponse:
+        with self._record("RollbackWeights", getattr(request, "model", "")) as record:
             try:
-                await asyncio.to_thread(redeploy_weights, self.settings, weights.checkpoint_uri, request.version,
-                                        deployed)
-            except BaseException:
-                self.prepared.pop(request.version, None)
-                raise
-            log.info("UpdateWeights %s -> %s: vetted in %.3f s, every replica swapped %.3f s later", previous,
-                     request.version, vetted - start, time.perf_counter() - vetted)
-        except Exception as e:  # noqa: BLE001
-            m.SWAPS.labels("failed").inc()
-            return _fail(grpc_context, e, pb.UpdateWeightsResponse())
-        return pb.UpdateWeightsResponse(version=request.version, previous_version=previous,
-                                        replicas_updated=self.settings.replicas,
-                                        swap_seconds=time.perf_counter() - start)
+                check_parsed(request)
+                name, _ = self.resolve(request.model)
+                r = await self.controller.rollback(name, request.version)
+            except Exception as e:  # noqa: BLE001
+                return self._fail(grpc_context, e, pb.RollbackWeightsResponse(), record)
+        return pb.RollbackWeightsResponse(version=r.version, previous_version=r.previous_version,
+                                          replicas_updated=r.replicas, swap_seconds=r.seconds)
 
     async def Check(self, request, grpc_context=None):
+        """SERVING once every model has a replica that answers (Serve routes health to the ingress, which is up
+        long before a model's replicas have loaded their weights)."""
+        import asyncio
+
         from grpc_health.v1 import health_pb2
 
-        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+        waiting = [n for n in self.models if n not in self._ready]
+        if waiting:
+            answers = await asyncio.gather(*(asyncio.wait_for(self.models[n].state.remote(), 2.0) for n in waiting),
+                                           return_exceptions=True)
+            self._ready.update(n for n, a in zip(waiting, answers) if not isinstance(a, BaseException))
+        ready = len(self._ready) == len(self.models)
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING if ready
+                                              else health_pb2.HealthCheckResponse.NOT_SERVING)
 
 
-def app_builder(args: dict[str, Any]):
-    """Serve application builder (``import_path: services.generation.server:app_builder``); ``args`` are
-    GenerationSettings fields."""
-    from ray import serve
+def ingress_class(openai_api: bool):
+    """The ingress deployment class; with ``openai_api`` the OpenAI-compatible HTTP routes are mounted on it."""
+    if not openai_api:
+        return GenerationIngress
+    from services.generation.openai_api import with_openai_routes
 
-    from services.generation.config import GenerationSettings
-
-    s = GenerationSettings(**args)
-    deployment = serve.deployment(
-        GenerationDeployment, name="GenerationDeployment", num_replicas=s.replicas,
-        ray_actor_options={"num_cpus": s.replica_num_cpus, "num_gpus": s.replica_num_gpus},
-        max_ongoing_requests=64, rolling_update_percentage=s.rollout_fraction)
-    return deployment.bind(args)
+    return with_openai_routes(GenerationIngress)

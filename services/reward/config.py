@@ -37,6 +37,8 @@ class RewardSettings(ServiceSettings):
                                    "empty "
                                    "disables it.")
     generation_app_name: str = Field(GENERATION_APP)
+    generation_model: str = Field("", description="Served model the LLM grader asks (knowserve models); empty: the "
+                                  "generation service's default model.")
     generation_timeout_seconds: float = Field(300.0, gt=0)
     generation_retries: int = Field(4, ge=0, description="Retries on UNAVAILABLE of generation calls.")
     end_markers: list[str] = Field(

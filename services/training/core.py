@@ -136,7 +136,8 @@ class TrainingCore:
                                   f"{self.s.max_steps_limit} (KNOWSERVE_TRAINING_MAX_STEPS_LIMIT)")
         fields = {"run_id": spec.run_id, "recipe": spec.recipe, "dataset": spec.dataset, "model": model,
                   "hyperparameters": h, "generation_target": self.s.generation_target,
-                  "generation_app_name": self.s.generation_app_name, "reward_target": self.s.reward_target,
+                  "generation_app_name": self.s.generation_app_name, "generation_model": self.s.generation_model,
+                  "reward_target": self.s.reward_target,
                   "checkpoint_root": str(self.s.checkpoint_root), "runs_dir": str(self.runs_dir),
                   "retry_seconds": self.s.retry_seconds, "threads": self.s.trainer_threads, **(spec.overrides or {})}
         try:

@@ -105,7 +105,7 @@ class TrainingCollector:
         yield from self._eval()
 
     def _eval(self):
-        labels = ["benchmark", "mode", "weight_version"]
+        labels = ["model", "benchmark", "mode", "weight_version"]
         answers = GaugeMetricFamily("knowserve_eval_answers_ratio", "Share of evaluation answers by outcome "
                                     "(SimpleQA grades).", labels=labels + ["outcome"])
         halluc = GaugeMetricFamily("knowserve_eval_hallucination_ratio", "Hallucinated share of attempted answers.",
@@ -121,7 +121,7 @@ class TrainingCollector:
                 r = self.cache.read(path, lines=False)
                 if not isinstance(r, dict) or "benchmark" not in r:
                     continue
-                key = [r["benchmark"], r["mode"], str(r["weight_version"])]
+                key = [r.get("model") or "", r["benchmark"], r["mode"], str(r["weight_version"])]
                 for outcome, field in (("correct", "correct"), ("hallucinated", "incorrect"),
                                        ("abstained", "not_attempted")):
                     answers.add_metric(key + [outcome], r[field])

@@ -32,6 +32,8 @@ class VerificationSettings(ServiceSettings):
     generation_target: str = Field(default_target("generation"), description="Generation service for the llm judge and "
                                    "extractor; empty disables both.")
     generation_app_name: str = Field(GENERATION_APP, description="Its Serve application name.")
+    generation_model: str = Field("", description="Served model the llm judge and the LLM claim extractor ask "
+                                  "(knowserve models); empty: the generation service's default model.")
     generation_timeout_seconds: float = Field(300.0, gt=0)
     generation_retries: int = Field(4, ge=0, description="Retries on UNAVAILABLE of generation calls.")
     llm_extract_max_tokens: int = Field(128, ge=8, description="Tokens the LLM extractor may write per sentence.")

@@ -92,7 +92,8 @@ class VerificationApp(ServiceApp):
             from services.verification.llm import LlmJudge
 
             self.generation = GenerationClient(s.generation_target, ClientOptions(
-                timeout_seconds=s.generation_timeout_seconds, retries=s.generation_retries), s.generation_app_name)
+                timeout_seconds=s.generation_timeout_seconds, retries=s.generation_retries), s.generation_app_name,
+                model=s.generation_model)
             llm_generate = self.generation.greedy
             judges["llm"] = LlmJudge(llm_generate)
         else:

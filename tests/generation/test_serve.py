@@ -34,6 +34,7 @@ async def test_generate_through_serve_grpc_proxy_and_grpcurl(serve_generation):
             assert len(c.token_ids) == len(c.logprobs) == len(c.env_mask) and c.weight_version == 1
         info = await stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=META, timeout=30)
         assert (info.engine, info.architecture, info.replicas) == ("transformers", "LlamaForCausalLM", 2)
+        assert info.model == "tiny" and info.is_default and info.parameters > 0
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.Generate(pb.GenerateRequest(prompts=[pb.Prompt(text="x")],
                                                    sampling=pb.SamplingParams(max_tokens=65)), metadata=META)
@@ -101,9 +102,85 @@ async def test_hot_swap_under_load_has_no_failures_and_no_stale_version_after_ac
         assert r.weight_version == 2
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode()
     versions = [float(line.split()[-1]) for line in text.splitlines()
-                if line.startswith("knowserve_generation_weight_version{")]
+                if line.startswith("knowserve_generation_weight_version{") and 'model="tiny"' in line]
     assert versions and set(versions) == {2.0}  # every live replica reports version 2
-    assert 'knowserve_generation_swaps_total{result="ok"}' in text and "knowserve_generation_batch_size_bucket" in text
-    assert 'knowserve_generation_requests_total{code="OK",method="Generate"}' in text
+    assert 'knowserve_generation_swaps_total{model="tiny",result="ok"}' in text
+    assert "knowserve_generation_batch_size_bucket" in text
+    assert 'knowserve_generation_requests_total{code="OK",method="Generate",model="tiny"}' in text
     check = await run_tool(tool("promtool"), "check", "metrics", input=text)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+async def test_named_models_are_isolated_and_roll_back_to_kept_versions(serve_generation_app):
+    """A swap or rollback naming `second` never touches `tiny`; RollbackWeights returns to a kept version (and
+    forward again) with no failed request; a version that is not kept, an unknown model and a corrupt body are
+    refused with the precise code."""
+    from services.generation.client import GenerationClient
+
+    app = serve_generation_app
+    root = app.root
+    async with GenerationClient(app.target, app_name=SERVE_APP, model="second") as gen:
+        models = {m.model: m for m in await gen.list_models()}
+        assert list(models) == ["tiny", "second"] and models["tiny"].is_default and not models["second"].is_default
+        tiny_before, second = models["tiny"], models["second"]
+        assert second.model_name == "tiny-llama-h128-l2-s0" and second.replicas == 1
+        start = second.weight_version
+        base = second.checkpoint_uri
+        shutil.copytree(base, root / "second-a")
+        await asyncio.to_thread(teach, base, ["a taught text for the second model"], root / "second-b", 3)
+        a = await gen.update_weights(str(root / "second-a"), start + 1)
+        b = await gen.update_weights(str(root / "second-b"), start + 2)
+        assert (a.version, b.version, b.previous_version) == (start + 1, start + 2, start + 1)
+        info = await gen.model_info()
+        assert [k.version for k in info.kept_versions][-3:] == [start, start + 1, start + 2]
+        assert info.model_name == "second-b"  # the name comes from what is served, not the start-up model
+
+        failures, served = [], []
+        stop = asyncio.Event()
+
+        async def load():
+            while not stop.is_set():
+                try:
+                    r = await gen.generate(["Paris is"], max_tokens=3)
+                    served.append(r.weight_version)
+                except Exception as e:  # noqa: BLE001 - counted
+                    failures.append(e)
+
+        clients = [asyncio.create_task(load()) for _ in range(3)]
+        await asyncio.sleep(1)
+        t0 = time.monotonic()
+        back = await gen.rollback_weights(start + 1)
+        rollback_ack = time.monotonic() - t0
+        after = await gen.generate(["Paris is"], max_tokens=3)
+        stop.set()
+        await asyncio.gather(*clients)
+        assert failures == [] and served
+        assert (back.version, back.previous_version) == (start + 1, start + 2)
+        assert after.weight_version == start + 1
+        print(f"rollback acknowledged in {rollback_ack:.2f}s")
+        info = await gen.model_info()
+        assert (info.weight_version, info.latest_version) == (start + 1, start + 2)
+        forward = await gen.rollback_weights(start + 2)  # and forward again
+        assert forward.version == start + 2
+
+        with pytest.raises(Exception) as err:
+            await gen.rollback_weights(start + 7)
+        assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION and f"{start + 1}" in str(err.value)
+        with pytest.raises(Exception) as err:  # a publish must be above the latest, not the serving, version
+            await gen.update_weights(str(root / "second-a"), start + 2)
+        assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        with pytest.raises(Exception) as err:
+            await gen.generate(["x"], model="no-such-model")
+        assert err.value.code == grpc.StatusCode.NOT_FOUND and "tiny" in str(err.value) and "second" in str(err.value)
+
+        tiny_after = await gen.model_info(model="tiny")  # untouched by every call above
+        assert (tiny_after.weight_version, tiny_after.checkpoint_uri) == (tiny_before.weight_version,
+                                                                          tiny_before.checkpoint_uri)
+
+    # a body that does not parse is INVALID_ARGUMENT (Serve's proxy would answer UNKNOWN "Unexpected DecodeError")
+    async with grpc.aio.insecure_channel(app.target) as ch:
+        for method in ("Generate", "UpdateWeights", "RollbackWeights", "ListModels", "GetModelInfo"):
+            call = ch.unary_unary(f"/knowserve.generation.v1.GenerationService/{method}")
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call(b"\xff\xff\xff\x07garbage", metadata=META, timeout=30)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, err.value.details())
