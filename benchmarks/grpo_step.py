@@ -3,7 +3,7 @@
 Both arms train the same model with the same group size, batch, completion length, temperature and reward
 recipe (KnowRL, scored by the same reward service), for the same number of steps:
 
-* **services**: ``training.grpo.run_training`` — rollouts from the generation service (Ray Serve), rewards from
+* **services**: ``training.loop.run_training`` — rollouts from the generation service (Ray Serve), rewards from
   the reward service, the new weights published into generation (save + UpdateWeights hot-swap) after every step;
   the trainer uses ``--trainer-threads`` and generation its own Serve replica.
 * **in-process** (baseline): TRL ``GRPOTrainer`` without a ``rollout_func`` — it samples with ``model.generate``
@@ -36,7 +36,8 @@ from services.common.addresses import default_target  # noqa: E402
 
 def services_arm(args, model: Path, workdir: Path) -> list[dict]:
     from training.config import RunConfig
-    from training.grpo import prepare_run, run_training
+    from training.loop import run_training
+    from training.runs import prepare_run
 
     cfg = RunConfig(run_id="bench-services", recipe="knowrl", dataset=args.dataset, model=str(model),
                     tool_protocol="", generation_target=args.generation, reward_target=args.reward,

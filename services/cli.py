@@ -211,7 +211,8 @@ def cmd_train(args) -> int:
             cfg = cfg.model_copy(update={"run_id": args.run_id})
         if args.via_service:
             return asyncio.run(_train_via_service(cfg, args, console))
-        from training.grpo import SUCCEEDED, STOPPED, prepare_run, run_training
+        from training.loop import run_training
+        from training.runs import STOPPED, SUCCEEDED, prepare_run
 
         resume = args.resume and cfg.run_id and (Path(cfg.runs_dir) / cfg.run_id / "state.json").exists()
         run = prepare_run(cfg, resume=bool(resume))
@@ -219,11 +220,15 @@ def cmd_train(args) -> int:
         console.print(f"[red]cannot start the run:[/red] {e}")
         return 2
 
-    def show(r: dict) -> None:
-        comps = " ".join(f"{k}={v:+.2f}" for k, v in r["reward_components"].items())
-        console.print(f"step {r['step']}/{r['max_steps']} reward {r['reward_mean']:+.3f} ({comps}) "
-                      f"refusal {r['refusal_rate']:.0%} kl {r['kl']:.4f} v{r['weight_version']} "
-                      f"{r['step_seconds']:.1f}s {r['message']}")
+    def show(r) -> None:  # a training.runs.ProgressRecord
+        if r.algorithm == "grpo":
+            comps = " ".join(f"{k}={v:+.2f}" for k, v in r.reward_components.items())
+            head = (f"reward {r.reward_mean:+.3f} ({comps}) std {r.reward_std:.2f} refusal {r.refusal_rate:.0%} "
+                    f"kl {r.kl:.4f} |dlogp| {r.logprob_abs_diff_mean:.4f}")
+        else:
+            head = f"loss {r.loss:.4f} " + " ".join(f"{k}={v:.3f}" for k, v in sorted(r.metrics.items())
+                                                    if k.startswith(("rewards/", "mean_token")))
+        console.print(f"step {r.step}/{r.max_steps} {head} v{r.weight_version} {r.step_seconds:.1f}s {r.message}")
 
     st = run_training(run.root, resume=bool(resume), on_progress=show if args.verbose else None, progress_bar=True)
     console.print(f"run {st.run_id}: {st.state} at step {st.step}/{st.max_steps}, generation serves "
@@ -278,6 +283,8 @@ def _generation_client(args):
 
 def cmd_models(args) -> int:
     from rich.table import Table
+
+    from services.common.progress import console as make_console
 
     async def run():
         async with _generation_client(args) as g:

@@ -155,3 +155,53 @@ def load_dataset(name: str, world_dir: Path | None = None, limit: int = 0, seed:
     if limit and limit < len(rows):
         rows = random.Random(seed).sample(rows, limit)
     return rows
+
+
+# -- supervised datasets (SFT: prompt/completion; DPO: prompt/chosen/rejected), as `knowserve data` writes them
+
+ROW_FIELDS = {"sft": ("prompt", "completion"), "dpo": ("prompt", "chosen", "rejected")}
+
+
+def _nonempty(value) -> bool:
+    if isinstance(value, str):
+        return bool(value.strip())
+    if isinstance(value, list):  # conversational: [{"role", "content"}, ...]
+        return bool(value) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+    return False
+
+
+def load_rows(path: str | Path, kind: str, limit: int = 0, seed: int = 0) -> list[dict]:
+    """The rows of an SFT or DPO dataset file (TRL's prompt-completion / preference formats, standard or
+    conversational), each checked: a row without one of its fields is refused naming the row, the field and the fix.
+
+    >>> import tempfile, os
+    >>> f = tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False); _ = f.write('{"prompt": "Q"}\\n'); f.close()
+    >>> load_rows(f.name, "sft")
+    Traceback (most recent call last):
+    ...
+    training.data.DatasetError: dataset ... row 0 has no 'completion'; every sft row needs ('prompt', 'completion') (`knowserve data coldstart` / `rtuning` write them)
+    """
+    fields = ROW_FIELDS[kind]
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"dataset file {path} does not exist; build it with `knowserve data`")
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{path}:{i + 1} is not JSON ({e}); one object per line") from None
+        for f in fields:
+            if not _nonempty(row.get(f)):
+                hint = ("`knowserve data knowtuning` writes them" if kind == "dpo"
+                        else "`knowserve data coldstart` / `rtuning` write them")
+                raise DatasetError(f"dataset {path} row {len(rows)} has no {f!r}; every {kind} row needs {fields} "
+                                   f"({hint})")
+        rows.append({f: row[f] for f in fields})
+    if not rows:
+        raise DatasetError(f"dataset {path} has no rows; the builder produced nothing (see its summary)")
+    if limit and limit < len(rows):
+        rows = random.Random(seed).sample(rows, limit)
+    return rows

@@ -11,7 +11,8 @@ import logging
 import sys
 from pathlib import Path
 
-from training.grpo import FAILED, run_training
+from training.loop import run_training
+from training.runs import FAILED
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -76,16 +76,18 @@ def hallucination_overview() -> db.Dashboard:
             .with_row(db.Row("Evaluations by weight version (knowserve eval)"))
             .with_panel(ts("Hallucinated share of answers by benchmark and version", "percentunit",
                            ('knowserve_eval_answers_ratio{outcome="hallucinated"}',
-                            "{{benchmark}} {{mode}} v{{weight_version}}"), minv=0, maxv=1))
+                            "{{model}} {{benchmark}} {{mode}} v{{weight_version}}"), minv=0, maxv=1))
             .with_panel(ts("Correct share of answers by benchmark and version", "percentunit",
                            ('knowserve_eval_answers_ratio{outcome="correct"}',
-                            "{{benchmark}} {{mode}} v{{weight_version}}"), minv=0, maxv=1))
+                            "{{model}} {{benchmark}} {{mode}} v{{weight_version}}"), minv=0, maxv=1))
             .with_panel(ts("Eval claim support and AP score", "percentunit",
-                           ("knowserve_eval_claim_support_ratio", "support {{benchmark}} v{{weight_version}}"),
-                           ("knowserve_eval_ap_score", "AP {{benchmark}} v{{weight_version}}"), minv=0, maxv=1))
+                           ("knowserve_eval_claim_support_ratio",
+                            "support {{model}} {{benchmark}} v{{weight_version}}"),
+                           ("knowserve_eval_ap_score", "AP {{model}} {{benchmark}} v{{weight_version}}"),
+                           minv=0, maxv=1))
             .with_panel(ts("Hallucination among attempted answers (eval)", "percentunit",
-                           ("knowserve_eval_hallucination_ratio", "{{benchmark}} {{mode}} v{{weight_version}}"),
-                           minv=0, maxv=1)))
+                           ("knowserve_eval_hallucination_ratio",
+                            "{{model}} {{benchmark}} {{mode}} v{{weight_version}}"), minv=0, maxv=1)))
 
 
 def service_red() -> db.Dashboard:
@@ -114,37 +116,51 @@ def service_red() -> db.Dashboard:
 
 
 def generation() -> db.Dashboard:
+    """Every panel broken down by served ``model`` (a $model variable selects them)."""
+    m = 'model=~"$model"'
     swaps = (db.AnnotationQuery().name("weight swaps").datasource(DS).enable(True).icon_color("orange")
              .target(db.AnnotationTarget().limit(100).match_any(False).tags([]).type("dashboard"))
-             .expr("changes(max(knowserve_generation_weight_version)[1m:15s]) > 0"))
-    return (base("knowserve-generation", "knowserve / Generation", ["generation"])
-            .annotation(swaps)
+             .expr(f"changes(max by (model) (knowserve_generation_weight_version{{{m}}})[1m:15s]) > 0"))
+    d = (base("knowserve-generation", "knowserve / Generation", ["generation"])
+         .with_variable(db.QueryVariable("model").label("Model").datasource(DS)
+                        .query("label_values(knowserve_generation_weight_version, model)").refresh(
+                            VariableRefresh.ON_TIME_RANGE_CHANGED).multi(True).include_all(True)))
+    return (d.annotation(swaps)
             .with_panel(ts("Tokens per second", "short",
-                           ("sum by (kind) (rate(knowserve_generation_tokens_total[$__rate_interval]))", "{{kind}}")))
+                           (f"sum by (model, kind) (rate(knowserve_generation_tokens_total{{{m}}}[$__rate_interval]))",
+                            "{{model}} {{kind}}")))
             .with_panel(ts("Time to first token", "s",
-                           ("histogram_quantile(0.5, sum by (le) (rate("
-                            "knowserve_generation_time_to_first_token_seconds_bucket[$__rate_interval])))", "p50"),
-                           ("histogram_quantile(0.99, sum by (le) (rate("
-                            "knowserve_generation_time_to_first_token_seconds_bucket[$__rate_interval])))", "p99")))
+                           ("histogram_quantile(0.5, sum by (model, le) (rate("
+                            f"knowserve_generation_time_to_first_token_seconds_bucket{{{m}}}[$__rate_interval])))",
+                            "p50 {{model}}"),
+                           ("histogram_quantile(0.99, sum by (model, le) (rate("
+                            f"knowserve_generation_time_to_first_token_seconds_bucket{{{m}}}[$__rate_interval])))",
+                            "p99 {{model}}")))
             .with_panel(ts("Request duration", "s",
-                           ("histogram_quantile(0.5, sum by (method, le) (rate("
-                            "knowserve_generation_request_duration_seconds_bucket[$__rate_interval])))", "p50 {{method}}"),
-                           ("histogram_quantile(0.99, sum by (method, le) (rate("
-                            "knowserve_generation_request_duration_seconds_bucket[$__rate_interval])))",
-                            "p99 {{method}}")))
+                           ("histogram_quantile(0.5, sum by (model, method, le) (rate("
+                            f"knowserve_generation_request_duration_seconds_bucket{{{m}}}[$__rate_interval])))",
+                            "p50 {{model}} {{method}}"),
+                           ("histogram_quantile(0.99, sum by (model, method, le) (rate("
+                            f"knowserve_generation_request_duration_seconds_bucket{{{m}}}[$__rate_interval])))",
+                            "p99 {{model}} {{method}}")))
+            .with_panel(ts("Requests and errors", "reqps",
+                           (f"sum by (model, method, code) (rate(knowserve_generation_requests_total{{{m}}}"
+                            "[$__rate_interval]))", "{{model}} {{method}} {{code}}")))
             .with_panel(ts("Batch size (dynamic batching)", "none",
-                           ("histogram_quantile(0.5, sum by (le) (rate(knowserve_generation_batch_size_bucket"
-                            "[$__rate_interval])))", "p50"),
-                           ("sum(rate(knowserve_generation_batch_size_sum[$__rate_interval])) / "
-                            "sum(rate(knowserve_generation_batch_size_count[$__rate_interval]))", "mean")))
+                           ("histogram_quantile(0.5, sum by (model, le) (rate(knowserve_generation_batch_size_bucket"
+                            f"{{{m}}}[$__rate_interval])))", "p50 {{model}}"),
+                           (f"sum by (model) (rate(knowserve_generation_batch_size_sum{{{m}}}[$__rate_interval])) / "
+                            f"sum by (model) (rate(knowserve_generation_batch_size_count{{{m}}}[$__rate_interval]))",
+                            "mean {{model}}")))
             .with_panel(ts("Weight version (swaps annotated)", "none",
-                           ("max(knowserve_generation_weight_version)", "serving version")))
-            .with_panel(ts("Swaps and retrieval turns", "short",
-                           ("sum by (result) (increase(knowserve_generation_swaps_total[$__rate_interval]))",
-                            "swaps {{result}}"),
-                           ("sum(rate(knowserve_generation_tool_turns_sum[$__rate_interval])) / "
-                            "sum(rate(knowserve_generation_tool_turns_count[$__rate_interval]))",
-                            "retrieval turns per completion"))))
+                           (f"max by (model) (knowserve_generation_weight_version{{{m}}})", "{{model}}")))
+            .with_panel(ts("Swaps and rollbacks", "short",
+                           (f"sum by (model, result) (increase(knowserve_generation_swaps_total{{{m}}}"
+                            "[$__rate_interval]))", "{{model}} {{result}}")))
+            .with_panel(ts("Retrieval turns per completion", "none",
+                           (f"sum by (model) (rate(knowserve_generation_tool_turns_sum{{{m}}}[$__rate_interval])) / "
+                            f"sum by (model) (rate(knowserve_generation_tool_turns_count{{{m}}}[$__rate_interval]))",
+                            "{{model}}"))))
 
 
 def training() -> db.Dashboard:

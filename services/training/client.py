@@ -17,9 +17,9 @@ class TrainingClient(ServiceClient[pb_grpc.TrainingServiceStub]):
 
     async def start_run(self, recipe: str = "", dataset: str = "", *, model: str = "", run_id: str = "",
                         hyperparameters: pb.Hyperparameters | None = None, options: pb.RunOptions | None = None,
-                        resume: bool = False) -> pb.Run:
+                        resume: bool = False, algorithm: str = "") -> pb.Run:
         reply = await self.call("StartRun", pb.StartRunRequest(
-            run_id=run_id, recipe=recipe, dataset=dataset, model=model, resume=resume,
+            run_id=run_id, recipe=recipe, dataset=dataset, model=model, resume=resume, algorithm=algorithm,
             hyperparameters=hyperparameters or pb.Hyperparameters(), options=options or pb.RunOptions()))
         return reply.run
 
@@ -30,7 +30,7 @@ class TrainingClient(ServiceClient[pb_grpc.TrainingServiceStub]):
 
         return await self.start_run(cfg.recipe, cfg.dataset, model=model or cfg.model, run_id=run_id or cfg.run_id,
                                     hyperparameters=hyper_to_proto(cfg.hyperparameters),
-                                    options=options_to_proto(cfg), resume=resume)
+                                    options=options_to_proto(cfg), resume=resume, algorithm=cfg.algorithm)
 
     async def get_run(self, run_id: str) -> pb.Run:
         return (await self.call("GetRun", pb.GetRunRequest(run_id=run_id))).run

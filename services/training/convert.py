@@ -13,9 +13,9 @@ LOSSES = {pb.LOSS_TYPE_GRPO: "grpo", pb.LOSS_TYPE_DAPO: "dapo", pb.LOSS_TYPE_DR_
 LOSSES_BACK = {v: k for k, v in LOSSES.items()}
 
 
-def hyper_to_proto(h: "Hyperparameters | Resolved") -> pb.Hyperparameters:
-    """The set fields of ``h`` (unset ones stay zero: "the recipe default")."""
-    fields = h.model_dump(exclude_none=True)
+def hyper_to_proto(h: "Hyperparameters | Resolved", only: set[str] | None = None) -> pb.Hyperparameters:
+    """The set fields of ``h`` (unset ones stay zero: "the default"); ``only`` keeps the algorithm's own."""
+    fields = {k: v for k, v in h.model_dump(exclude_none=True).items() if only is None or k in only}
     loss = fields.pop("loss_type", None)
     hp = pb.Hyperparameters(**fields)
     if loss:
@@ -24,7 +24,7 @@ def hyper_to_proto(h: "Hyperparameters | Resolved") -> pb.Hyperparameters:
 
 
 def hyper_from_proto(h: pb.Hyperparameters) -> "Hyperparameters":
-    """Zero fields mean "the recipe default" (None)."""
+    """Zero fields mean "the default" (None)."""
     from training.config import Hyperparameters
 
     return Hyperparameters(
@@ -32,7 +32,11 @@ def hyper_from_proto(h: pb.Hyperparameters) -> "Hyperparameters":
         batch_size=h.batch_size or None, beta=h.beta if h.HasField("beta") else None,
         loss_type=LOSSES.get(h.loss_type), sync_every=h.sync_every or None,
         max_completion_tokens=h.max_completion_tokens or None, temperature=h.temperature or None,
-        use_lora=h.use_lora or None, lora_rank=h.lora_rank or None, seed=h.seed or None)
+        use_lora=h.use_lora or None, lora_rank=h.lora_rank or None, seed=h.seed or None,
+        num_epochs=h.num_epochs or None, max_length=h.max_length or None,
+        completion_only_loss=h.completion_only_loss if h.HasField("completion_only_loss") else None,
+        dpo_loss_type=h.dpo_loss_type or None,
+        off_policy_mask_threshold=h.off_policy_mask_threshold if h.HasField("off_policy_mask_threshold") else None)
 
 
 def options_to_proto(cfg: "RunConfig") -> pb.RunOptions:

@@ -1,7 +1,7 @@
 """Runs without gRPC: start (validated before any compute), resume, stop, list, and follow GRPO runs.
 
 Each run trains in its own process (``python -m training.run RUN_DIR``) that records everything in the run folder
-(:class:`training.grpo.RunDir`), so the service holds no state a restart would lose: a run whose process died
+(:class:`training.runs.RunDir`), so the service holds no state a restart would lose: a run whose process died
 (the trainer was killed) reads back as FAILED with a hint, and ``StartRun(resume=true)`` continues it from its last
 checkpoint with the same step count.
 """
@@ -20,10 +20,9 @@ from pathlib import Path
 from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from services.training.config import TrainingSettings
 from training.config import ConfigError, Hyperparameters, RunConfig
-from training.grpo import FAILED, PENDING, RUNNING, RunDir, RunState, prepare_run
+from training.runs import FAILED, LIVE, PENDING, RunDir, RunState, prepare_run
 
 ROOT = Path(__file__).resolve().parents[2]
-LIVE = (PENDING, RUNNING)
 
 
 @dataclass
@@ -34,7 +33,8 @@ class StartSpec:
     model: str = ""
     hyperparameters: Hyperparameters | None = None
     resume: bool = False
-    overrides: dict | None = None  # extra RunConfig fields (tool protocol, top_k, ...) from a YAML config
+    overrides: dict | None = None
+    algorithm: str = ""  # "" = grpo  # extra RunConfig fields (tool protocol, top_k, ...) from a YAML config
 
 
 def _alive(pid: int) -> bool:
@@ -110,10 +110,17 @@ class TrainingCore:
             cfg = self._config(spec)
             if spec.run_id and (self.runs_dir / spec.run_id / "state.json").exists():
                 raise AlreadyExists(f"run {spec.run_id!r} already exists; resume it or choose another run_id")
-            from training.data import DatasetError, load_dataset
+            from training.data import DatasetError, load_dataset, load_rows
 
-            try:  # rows are checked before any compute (a row without a question or gold answer is refused)
-                load_dataset(cfg.dataset, limit=cfg.dataset_limit, seed=cfg.resolved_hyperparameters().seed)
+            try:  # rows are checked before any compute (a row without a question, a completion, a rejected answer)
+                kind, seed = cfg.algorithm_spec().dataset, cfg.resolved_hyperparameters().seed
+                if kind == "qa":
+                    load_dataset(cfg.dataset, limit=cfg.dataset_limit, seed=seed)
+                else:
+                    load_rows(cfg.dataset, kind, cfg.dataset_limit, seed)
+                if cfg.total_steps() > self.s.max_steps_limit:
+                    raise InvalidArgument("hyperparameters.max_steps", f"{cfg.total_steps()} steps, above the limit "
+                                          f"of {self.s.max_steps_limit} (KNOWSERVE_TRAINING_MAX_STEPS_LIMIT)")
                 run = prepare_run(cfg)
             except (ConfigError, DatasetError) as e:
                 raise InvalidArgument(_field_of(str(e)), str(e)) from None
@@ -121,8 +128,13 @@ class TrainingCore:
         return self.state(run.root.name)
 
     def _config(self, spec: StartSpec) -> RunConfig:
-        if not spec.recipe:
-            raise InvalidArgument("recipe", "is required (knowrl, r1_searcher, search_r1)")
+        from training.algorithms import ALGORITHMS
+
+        algorithm = spec.algorithm or "grpo"
+        if algorithm not in ALGORITHMS:
+            raise InvalidArgument("algorithm", f"unknown algorithm {algorithm!r}; use one of {sorted(ALGORITHMS)}")
+        if not spec.recipe and ALGORITHMS[algorithm].needs_recipe:
+            raise InvalidArgument("recipe", f"is required for {algorithm} (knowrl, r1_searcher, search_r1)")
         if not spec.dataset:
             raise InvalidArgument("dataset", "is required (a dataset name or a .jsonl path)")
         model = spec.model or str(self.s.default_model or "")
@@ -134,7 +146,8 @@ class TrainingCore:
         if h.max_steps is not None and h.max_steps > self.s.max_steps_limit:
             raise InvalidArgument("hyperparameters.max_steps", f"{h.max_steps} is above the limit of "
                                   f"{self.s.max_steps_limit} (KNOWSERVE_TRAINING_MAX_STEPS_LIMIT)")
-        fields = {"run_id": spec.run_id, "recipe": spec.recipe, "dataset": spec.dataset, "model": model,
+        fields = {"run_id": spec.run_id, "algorithm": algorithm, "recipe": spec.recipe, "dataset": spec.dataset,
+                  "model": model,
                   "hyperparameters": h, "generation_target": self.s.generation_target,
                   "generation_app_name": self.s.generation_app_name, "generation_model": self.s.generation_model,
                   "reward_target": self.s.reward_target,

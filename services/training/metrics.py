@@ -13,6 +13,8 @@ from pathlib import Path
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from training.runs import ProgressRecord
+
 STEP_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 
 
@@ -54,7 +56,8 @@ class TrainingCollector:
         for state, n in self.states().items():
             runs.add_metric([state], n)
         yield runs
-        steps = CounterMetricFamily("knowserve_training_steps", "GRPO optimizer steps completed.", labels=["recipe"])
+        steps = CounterMetricFamily("knowserve_training_steps", "Optimizer steps completed, by recipe (or algorithm "
+                                    "for runs without one).", labels=["recipe"])
         swaps = CounterMetricFamily("knowserve_training_weight_publishes",
                                     "Weight publishes to generation by result.", labels=["result"])
         reward = GaugeMetricFamily("knowserve_training_reward", "Mean total reward of the latest step of each "
@@ -67,23 +70,30 @@ class TrainingCollector:
                                     "abstained.", labels=["recipe"])
         version = GaugeMetricFamily("knowserve_training_weight_version", "Weight version the latest run published.",
                                     labels=["recipe"])
-        step_hist = HistogramMetricFamily("knowserve_training_step_seconds", "Wall time of a GRPO step.",
+        step_hist = HistogramMetricFamily("knowserve_training_step_seconds", "Wall time of an optimizer step.",
                                           labels=["recipe"])
+        loss = GaugeMetricFamily("knowserve_training_loss", "Training loss of the latest step.", labels=["recipe"])
+        zero_std = GaugeMetricFamily("knowserve_training_reward_zero_std_ratio", "Share of the latest GRPO step's "
+                                     "groups whose rewards were all equal (no learning signal).", labels=["recipe"])
+        gap = GaugeMetricFamily("knowserve_training_logprob_abs_diff", "Mean |trainer - rollout| token logprob of the "
+                                "latest GRPO step (rollout/trainer mismatch).", labels=["recipe"])
+        ratio = GaugeMetricFamily("knowserve_training_importance_ratio_max", "Largest token importance ratio "
+                                  "exp(trainer - rollout) of the latest GRPO step.", labels=["recipe"])
         per_recipe_steps: dict[str, int] = {}
         per_recipe_hist: dict[str, list[float]] = {}
         latest: dict[str, tuple[float, dict]] = {}
         ok = failed = 0
         if self.runs_dir.exists():
             for d in sorted(self.runs_dir.iterdir()):
-                records = self.cache.read(d / "progress.jsonl", lines=True)
+                records = [ProgressRecord.from_dict(r) for r in self.cache.read(d / "progress.jsonl", lines=True)]
                 if not records:
                     continue
-                recipe = records[-1].get("recipe") or "unknown"
+                recipe = records[-1].recipe or records[-1].algorithm or "unknown"
                 per_recipe_steps[recipe] = per_recipe_steps.get(recipe, 0) + len(records)
-                per_recipe_hist.setdefault(recipe, []).extend(r.get("step_seconds", 0.0) for r in records)
+                per_recipe_hist.setdefault(recipe, []).extend(r.step_seconds for r in records)
                 for r in records:
-                    ok += r.get("publishes", {}).get("ok", 0)
-                    failed += r.get("publishes", {}).get("failed", 0)
+                    ok += r.publishes.get("ok", 0)
+                    failed += r.publishes.get("failed", 0)
                 mtime = (d / "progress.jsonl").stat().st_mtime
                 if recipe not in latest or latest[recipe][0] < mtime:
                     latest[recipe] = (mtime, records[-1])
@@ -93,15 +103,20 @@ class TrainingCollector:
             buckets = [(str(b), sum(v <= b for v in values)) for b in STEP_BUCKETS] + [("+Inf", len(values))]
             step_hist.add_metric([recipe], buckets, sum(values))
         for recipe, (_, r) in latest.items():
-            reward.add_metric([recipe], r.get("reward_mean", 0.0))
-            kl.add_metric([recipe], r.get("kl", 0.0))
-            refusal.add_metric([recipe], r.get("refusal_rate", 0.0))
-            version.add_metric([recipe], r.get("weight_version", 0))
-            for name, value in (r.get("reward_components") or {}).items():
-                component.add_metric([recipe, name], value)
+            version.add_metric([recipe], r.weight_version)
+            loss.add_metric([recipe], r.loss)
+            if r.algorithm == "grpo":
+                reward.add_metric([recipe], r.reward_mean)
+                kl.add_metric([recipe], r.kl)
+                refusal.add_metric([recipe], r.refusal_rate)
+                zero_std.add_metric([recipe], r.frac_reward_zero_std)
+                gap.add_metric([recipe], r.logprob_abs_diff_mean)
+                ratio.add_metric([recipe], r.importance_ratio_max)
+                for name, value in r.reward_components.items():
+                    component.add_metric([recipe, name], value)
         swaps.add_metric(["ok"], ok)
         swaps.add_metric(["failed"], failed)
-        yield from (steps, swaps, reward, component, kl, refusal, version, step_hist)
+        yield from (steps, swaps, reward, component, kl, refusal, version, step_hist, loss, zero_std, gap, ratio)
         yield from self._eval()
 
     def _eval(self):

@@ -15,7 +15,7 @@ from services.training.config import TrainingSettings
 from services.training.convert import hyper_from_proto, hyper_to_proto, options_from_proto
 from services.training.core import StartSpec, TrainingCore
 from training.config import RunConfig
-from training.grpo import RunState
+from training.runs import ProgressRecord, RunState
 
 STATES = {"PENDING": pb.RUN_STATE_PENDING, "RUNNING": pb.RUN_STATE_RUNNING, "SUCCEEDED": pb.RUN_STATE_SUCCEEDED,
           "FAILED": pb.RUN_STATE_FAILED, "STOPPED": pb.RUN_STATE_STOPPED}
@@ -33,8 +33,18 @@ def run_to_proto(st: RunState, cfg: RunConfig) -> pb.Run:
     return pb.Run(run_id=st.run_id, state=STATES.get(st.state, pb.RUN_STATE_UNSPECIFIED), recipe=cfg.recipe,
                   dataset=cfg.dataset, model=cfg.model, step=st.step, weight_version=st.weight_version,
                   checkpoint_dir=st.checkpoint_dir, error=st.error, create_time=_ts(st.create_time),
-                  update_time=_ts(st.update_time),
-                  hyperparameters=hyper_to_proto(h))
+                  update_time=_ts(st.update_time), algorithm=cfg.algorithm, max_steps=st.max_steps,
+                  hyperparameters=hyper_to_proto(h, cfg.algorithm_spec().hyperparameters))
+
+
+def progress_to_proto(run_id: str, r: ProgressRecord, st: RunState) -> pb.StreamRunProgressResponse:
+    return pb.StreamRunProgressResponse(
+        run_id=run_id, step=r.step, max_steps=r.max_steps, reward_mean=r.reward_mean,
+        reward_components=r.reward_components, kl=r.kl, refusal_rate=r.refusal_rate, weight_version=r.weight_version,
+        state=STATES.get(st.state, pb.RUN_STATE_UNSPECIFIED), step_seconds=r.step_seconds, message=r.message,
+        algorithm=r.algorithm, loss=r.loss, reward_std=r.reward_std, frac_reward_zero_std=r.frac_reward_zero_std,
+        logprob_abs_diff_mean=r.logprob_abs_diff_mean, importance_ratio_min=r.importance_ratio_min,
+        importance_ratio_max=r.importance_ratio_max, metrics=r.metrics)
 
 
 class TrainingServicer(pb_grpc.TrainingServiceServicer):
@@ -43,7 +53,8 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
 
     async def StartRun(self, request: pb.StartRunRequest, context) -> pb.StartRunResponse:
         spec = StartSpec(request.run_id, request.recipe, request.dataset, request.model,
-                         hyper_from_proto(request.hyperparameters), request.resume, options_from_proto(request.options))
+                         hyper_from_proto(request.hyperparameters), request.resume, options_from_proto(request.options),
+                         request.algorithm)
         st, cfg = await asyncio.to_thread(self.app.require_core().start, spec)
         return pb.StartRunResponse(run=run_to_proto(st, cfg))
 
@@ -62,11 +73,7 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
     async def StreamRunProgress(self, request: pb.StreamRunProgressRequest, context):
         core = self.app.require_core()
         async for r, st in core.follow(request.run_id, self.app.settings.max_progress_poll_seconds):
-            yield pb.StreamRunProgressResponse(
-                run_id=request.run_id, step=r["step"], max_steps=r["max_steps"], reward_mean=r["reward_mean"],
-                reward_components=r["reward_components"], kl=r["kl"], refusal_rate=r["refusal_rate"],
-                weight_version=r["weight_version"], state=STATES.get(st.state, pb.RUN_STATE_UNSPECIFIED),
-                step_seconds=r["step_seconds"], message=r.get("message", ""))
+            yield progress_to_proto(request.run_id, r, st)
 
 
 class TrainingApp(ServiceApp):

@@ -136,7 +136,8 @@ def test_the_env_names_are_settings_the_services_read(rendered):
 
 
 def test_rayservice_serve_config_imports_the_app_builder():
-    from services.generation.server import APP_IMPORT_PATH, SERVICER_FUNCTIONS
+    from services.generation.app import APP_IMPORT_PATH, INGRESS, SERVICER_FUNCTIONS, deployment_name
+    from services.generation.deploy import initial_user_config
 
     docs = render(ci_values())
     ray = next(d for d in docs if d["kind"] == "RayService")
@@ -144,12 +145,20 @@ def test_rayservice_serve_config_imports_the_app_builder():
     app = serve["applications"][0]
     assert app["import_path"] == APP_IMPORT_PATH and app["name"] == "knowserve-generation"
     assert serve["grpc_options"]["grpc_servicer_functions"] == SERVICER_FUNCTIONS
-    assert app["deployments"][0]["user_config"]["version"] == 1
-    assert app["args"]["engine"] == "vllm" and app["args"]["replica_num_gpus"] == 1
+    models = app["args"]["models"]
+    assert [m["name"] for m in models] == ["smollm2-135m-instruct", "judge"]
+    assert models[0]["engine"] == "vllm" and models[0]["replica_num_gpus"] == 1 and models[0]["device"] == "cuda"
+    assert models[1]["engine"] == "transformers" and "device" not in models[1]
+    # one deployment per model behind the ingress, each starting at the weights the replicas load
+    assert [d["name"] for d in app["deployments"]] == [INGRESS] + [deployment_name(m["name"]) for m in models]
+    assert app["deployments"][1]["num_replicas"] == 2 and app["deployments"][1]["user_config"] == initial_user_config(1)
     from services.generation.config import GenerationSettings
 
-    # the builder's args are valid settings (engine=vllm itself needs the vllm package, absent on this machine)
-    GenerationSettings(**{**app["args"], "engine": "transformers", "device": "cpu"})
+    # the builder's args are valid settings (engine=vllm itself needs the vllm package, absent here; paths under
+    # /checkpoints exist only in the pod)
+    cpu_models = [{**m, "engine": "transformers", "path": "builtin:tiny"} for m in models]
+    settings = GenerationSettings(**{**app["args"], "models": cpu_models})
+    assert settings.kept_versions == 5 and settings.openai_api is True
     head = ray["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e["value"] for e in head["env"]}
     assert env["KNOWSERVE_GENERATION_DASHBOARD_HOST"].endswith("-head-svc")

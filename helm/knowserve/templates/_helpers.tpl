@@ -172,12 +172,12 @@ Environment of the generation pods. Call with (dict "root" $ "component" ...).
   value: {{ $g.httpPort | quote }}
 - name: KNOWSERVE_GENERATION_DASHBOARD_PORT
   value: {{ $g.dashboardPort | quote }}
-- name: KNOWSERVE_GENERATION_REPLICAS
-  value: {{ $g.replicas | quote }}
-- name: KNOWSERVE_GENERATION_REPLICA_NUM_CPUS
-  value: {{ $g.replicaNumCpus | quote }}
-- name: KNOWSERVE_GENERATION_REPLICA_NUM_GPUS
-  value: {{ $g.replicaNumGpus | quote }}
+- name: KNOWSERVE_GENERATION_MODELS
+  value: {{ include "knowserve.generationModels" .root | quote }}
+- name: KNOWSERVE_GENERATION_KEPT_VERSIONS
+  value: {{ $g.keptVersions | quote }}
+- name: KNOWSERVE_GENERATION_OPENAI_API
+  value: {{ $g.openai.enabled | quote }}
 - name: KNOWSERVE_GENERATION_CHECKPOINT_ROOT
   value: /checkpoints
 - name: KNOWSERVE_GENERATION_METRICS_DIR
@@ -211,4 +211,24 @@ Environment of the training pods. Call with (dict "root" $ "component" ...).
   value: /data/world
 - name: TRL_EXPERIMENTAL_SILENCE
   value: "1"
+{{- end }}
+
+{{/*
+The generation models as the JSON list KNOWSERVE_GENERATION_MODELS reads (values' camelCase -> settings' names).
+*/}}
+{{- define "knowserve.generationModels" -}}
+{{- $out := list }}
+{{- range .Values.generation.models }}
+{{- $m := dict "name" .name }}
+{{- with .path }}{{ $_ := set $m "path" . }}{{ end }}
+{{- with .engine }}{{ $_ := set $m "engine" . }}{{ end }}
+{{- with .replicas }}{{ $_ := set $m "replicas" . }}{{ end }}
+{{- with .replicaNumCpus }}{{ $_ := set $m "replica_num_cpus" . }}{{ end }}
+{{- if hasKey . "replicaNumGpus" }}{{ $_ := set $m "replica_num_gpus" .replicaNumGpus }}{{ end }}
+{{- with .threads }}{{ $_ := set $m "threads" . }}{{ end }}
+{{- with .maxModelLen }}{{ $_ := set $m "max_model_len" . }}{{ end }}
+{{- if gt (.replicaNumGpus | default 0 | float64) 0.0 }}{{ $_ := set $m "device" "cuda" }}{{ end }}
+{{- $out = append $out $m }}
+{{- end }}
+{{- toJson $out }}
 {{- end }}
