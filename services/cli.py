@@ -11,6 +11,8 @@
     knowserve train CONFIG.yaml [--resume] [--via-service]          (GRPO through the services, progress bar)
     knowserve runs [RUN_ID]                                         (the training service's runs)
     knowserve eval --dataset demo_world:kb_only:heldout [--mode closed_book|retrieval] [--limit N] [--model M]
+    knowserve data rtuning|coldstart|knowtuning --dataset qa_wikidata --out data.jsonl   (training data builders)
+    knowserve pipeline CONFIG.yaml [--resume]                       (build and train stages, evaluated after each)
     knowserve models                                                (served models, versions, kept versions)
     knowserve rollback MODEL VERSION                                (swap a model back to a kept version)
     knowserve demo
@@ -275,6 +277,60 @@ def cmd_runs(args) -> int:
     return 0
 
 
+def cmd_data(args) -> int:
+    from training.builders import BuildConfig, build
+    from training.data import DatasetError
+
+    fields = {k: v for k, v in vars(args).items() if k in BuildConfig.__dataclass_fields__ and v is not None}
+    try:
+        summary = asyncio.run(build(BuildConfig(builder=args.builder, **fields)))
+    except DatasetError as e:
+        print(f"cannot build: {e}", file=sys.stderr)
+        return 2
+    print(f"{summary.builder}: {summary.rows} rows -> {summary.out} in {summary.seconds:.0f}s; {summary.counts}")
+    print(f"summary: {Path(summary.out).with_suffix('.summary.json')}")
+    return 0
+
+
+def cmd_pipeline(args) -> int:
+    from rich.table import Table
+
+    from services.common.progress import console as make_console
+    from training.errors import ConfigError
+    from training.pipeline import PipelineFailed, plot, run_pipeline, table
+
+    console = make_console()
+    try:
+        state = run_pipeline(Path(args.config), resume=args.resume, log=console.print)
+    except (ConfigError, PipelineFailed) as e:
+        console.print(f"[red]{e}[/red]")
+        return 1
+    t = Table(title=f"pipeline {state.name}: held-out questions after each stage")
+    for col in ("stage", "version", "correct", "hallucinated", "abstained", "halluc./attempted", "AP", "minutes"):
+        t.add_column(col, justify="left" if col == "stage" else "right")
+    minutes = {s.name: s.seconds / 60 for s in state.stages}
+    for name, r in table(state):
+        t.add_row(name, f"v{r.get('weight_version')}", f"{r['correct']:.1%}", f"{r['incorrect']:.1%}",
+                  f"{r['not_attempted']:.1%}", f"{r['hallucination_rate_attempted']:.1%}", f"{r['ap']:.2f}",
+                  f"{minutes.get(name, 0):.1f}")
+    console.print(t)
+    first, last = table(state)[0][1], table(state)[-1][1]
+    drop = 1 - last["incorrect"] / first["incorrect"] if first["incorrect"] else 0.0
+    console.print(f"hallucinated {first['incorrect']:.1%} -> {last['incorrect']:.1%} ({drop:.0%} relative drop), "
+                  f"correct {first['correct']:.1%} -> {last['correct']:.1%}, AP {first['ap']:.2f} -> {last['ap']:.2f}; "
+                  f"stages took {sum(minutes.values()):.1f} min")
+    chart = plot(state, Path(args.chart) if args.chart else Path(state_path_dir(args.config)) / "pipeline.png")
+    console.print(f"chart: {chart}")
+    return 0
+
+
+def state_path_dir(config: str) -> Path:
+    from training.pipeline import PipelineConfig
+
+    cfg = PipelineConfig.from_yaml(Path(config))
+    return Path(cfg.runs_dir).resolve() / "pipelines" / cfg.name
+
+
 def _generation_client(args):
     from services.generation.client import GenerationClient
 
@@ -452,6 +508,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="", help="default: $KNOWSERVE_RUN_DIR/eval (.knowserve/eval)")
     p.add_argument("--label", default="")
     p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("data", help="build training data: rtuning, coldstart (KnowRL), knowtuning (DPO pairs)")
+    p.add_argument("builder", choices=["rtuning", "coldstart", "knowtuning"])
+    p.add_argument("--dataset", help="QA set (rtuning, coldstart) or knowledge corpus (knowtuning: demo_corpus or a "
+                   ".jsonl with title, text)")
+    p.add_argument("--out", required=True, help="the dataset file to write (.jsonl); a .summary.json goes beside it")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--exclude", help="a QA .jsonl whose questions are held out (never in the built data)")
+    p.add_argument("--samples", type=int, help="answers asked of the served model per question (rtuning, coldstart)")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--certain-threshold", dest="certain_threshold", type=float)
+    p.add_argument("--method", choices=["refusal", "unsure"], help="rtuning: R-Tuning-R refusals or I am sure/unsure")
+    p.add_argument("--recipe", help="coldstart: the training recipe whose format and system prompt (knowrl)")
+    p.add_argument("--search", action="store_true", default=None,
+                   help="coldstart: R1-Searcher transcripts with retrieved passages")
+    p.add_argument("--model", help="the served model asked (knowserve models; default: the default)")
+    p.add_argument("--generation", dest="generation_target")
+    p.add_argument("--generation-app", dest="generation_app_name")
+    p.add_argument("--verification", dest="verification_target")
+    p.add_argument("--retrieval", dest="retrieval_target")
+    p.set_defaults(fn=cmd_data)
+
+    p = sub.add_parser("pipeline", help="run a training pipeline (build and train stages, evaluated after each)")
+    p.add_argument("config")
+    p.add_argument("--resume", action="store_true", help="continue from the stage that failed")
+    p.add_argument("--chart", default="", help="where the PNG goes (default: the pipeline's folder)")
+    p.set_defaults(fn=cmd_pipeline)
 
     p = sub.add_parser("models", help="the generation service's models: engine, size, serving and kept versions")
     p.add_argument("--target", help=f"generation host:port (default {default_target('generation')})")

@@ -199,7 +199,10 @@ def load_rows(path: str | Path, kind: str, limit: int = 0, seed: int = 0) -> lis
                         else "`knowserve data coldstart` / `rtuning` write them")
                 raise DatasetError(f"dataset {path} row {len(rows)} has no {f!r}; every {kind} row needs {fields} "
                                    f"({hint})")
-        rows.append({f: row[f] for f in fields})
+        kept = {f: row[f] for f in fields}
+        if kind == "sft" and row.get("untrained"):  # spans of the completion not trained on (inserted documents)
+            kept["untrained"] = [str(x) for x in row["untrained"]]
+        rows.append(kept)
     if not rows:
         raise DatasetError(f"dataset {path} has no rows; the builder produced nothing (see its summary)")
     if limit and limit < len(rows):

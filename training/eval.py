@@ -132,7 +132,7 @@ async def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
         # raw text from any caller is cut at the served model's own end markers too (GetModelInfo)
         options = grade_options(cfg, dict.fromkeys((*END_MARKERS, *info.end_of_sequence_tokens)))
         records = []
-        bar = tqdm(total=len(rows), desc=f"eval {cfg.dataset} ({cfg.mode})", unit="q", disable=not progress)
+        bar = tqdm(total=len(rows), desc=f"eval {Path(cfg.dataset).name} ({cfg.mode})", unit="q", disable=not progress)
         for i in range(0, len(rows), cfg.batch):
             chunk = rows[i: i + cfg.batch]
             reply = await gen.generate([render_prompt(r.question, fmt, cfg.system_prompt) for r in chunk],
