@@ -98,7 +98,7 @@ down: ## Stop the local stack's own processes
 demo: setup ## Start the stack on the embedded default and show it
 	$(VENV)/bin/knowserve demo
 
-demo-full: setup ## The longer target: KnowRL GRPO on SmolLM2 itself, evaluated on HaluEval-QA before and after
+demo-full: setup ## The SmolLM2 pipeline (KnowRL cold start -> SFT -> GRPO), held-out questions before and after each stage
 	$(VENV)/bin/knowserve demo --full
 
 clean: ## Remove generated stubs and run state (keeps the venv)

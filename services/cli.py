@@ -178,7 +178,7 @@ def cmd_demo(args) -> int:
     from services.demo import run_demo, run_demo_full
 
     if args.full:
-        return run_demo_full(steps=args.steps, limit=args.limit)
+        return run_demo_full(args.pipeline)
     return run_demo()
 
 
@@ -293,11 +293,9 @@ def cmd_data(args) -> int:
 
 
 def cmd_pipeline(args) -> int:
-    from rich.table import Table
-
     from services.common.progress import console as make_console
     from training.errors import ConfigError
-    from training.pipeline import PipelineFailed, plot, run_pipeline, table
+    from training.pipeline import PipelineFailed, print_summary, run_pipeline
 
     console = make_console()
     try:
@@ -305,30 +303,8 @@ def cmd_pipeline(args) -> int:
     except (ConfigError, PipelineFailed) as e:
         console.print(f"[red]{e}[/red]")
         return 1
-    t = Table(title=f"pipeline {state.name}: held-out questions after each stage")
-    for col in ("stage", "version", "correct", "hallucinated", "abstained", "halluc./attempted", "AP", "minutes"):
-        t.add_column(col, justify="left" if col == "stage" else "right")
-    minutes = {s.name: s.seconds / 60 for s in state.stages}
-    for name, r in table(state):
-        t.add_row(name, f"v{r.get('weight_version')}", f"{r['correct']:.1%}", f"{r['incorrect']:.1%}",
-                  f"{r['not_attempted']:.1%}", f"{r['hallucination_rate_attempted']:.1%}", f"{r['ap']:.2f}",
-                  f"{minutes.get(name, 0):.1f}")
-    console.print(t)
-    first, last = table(state)[0][1], table(state)[-1][1]
-    drop = 1 - last["incorrect"] / first["incorrect"] if first["incorrect"] else 0.0
-    console.print(f"hallucinated {first['incorrect']:.1%} -> {last['incorrect']:.1%} ({drop:.0%} relative drop), "
-                  f"correct {first['correct']:.1%} -> {last['correct']:.1%}, AP {first['ap']:.2f} -> {last['ap']:.2f}; "
-                  f"stages took {sum(minutes.values()):.1f} min")
-    chart = plot(state, Path(args.chart) if args.chart else Path(state_path_dir(args.config)) / "pipeline.png")
-    console.print(f"chart: {chart}")
+    print_summary(state, console, Path(args.chart) if args.chart else None)
     return 0
-
-
-def state_path_dir(config: str) -> Path:
-    from training.pipeline import PipelineConfig
-
-    cfg = PipelineConfig.from_yaml(Path(config))
-    return Path(cfg.runs_dir).resolve() / "pipelines" / cfg.name
 
 
 def _generation_client(args):
@@ -550,9 +526,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_rollback)
 
     p = sub.add_parser("demo", help="start the stack, ingest the demo corpus, show it working")
-    p.add_argument("--full", action="store_true", help="the longer target: KnowRL GRPO on SmolLM2 itself")
-    p.add_argument("--steps", type=int, default=0, help="--full: GRPO steps (0 = the config's)")
-    p.add_argument("--limit", type=int, default=100, help="--full: held-out HaluEval questions evaluated")
+    p.add_argument("--full", action="store_true", help="the longer target: the SmolLM2 pipeline (cold start, SFT, "
+                   "GRPO) on the stack's smollm2-policy model")
+    p.add_argument("--pipeline", default="", help="--full: another pipeline config (default "
+                   "training/configs/smollm2_pipeline.yaml)")
     p.set_defaults(fn=cmd_demo)
     return parser
 

@@ -318,43 +318,34 @@ async def train_through_service(console: Console, target: str, run_id: str, mode
         return run.weight_version
 
 
-def run_demo_full(steps: int = 0, limit: int = 100) -> int:
-    """``make demo-full``: KnowRL GRPO on SmolLM2-135M-Instruct itself (training/configs/smollm2_knowrl.yaml) over
-    HaluEval-QA, closed-book with refusal allowed, evaluated on held-out HaluEval questions before and after.
-    Slow on 2 CPU cores (tens of seconds per step); minutes on a GPU."""
-    from services.common.models import smollm2_folder
-    from training.config import RunConfig
-    from training.eval import EvalConfig, evaluate
+def run_demo_full(config: str = "", fresh: bool = True) -> int:
+    """``make demo-full``: the SmolLM2 pipeline (``training/configs/smollm2_pipeline.yaml``: KnowRL's cold start built
+    from the served model's own right and wrong answers -> SFT -> KnowRL GRPO) on the stack's ``smollm2-policy``
+    model, evaluated on held-out questions before and after every stage: a per-stage table and a chart."""
+    from training.errors import ConfigError
+    from training.pipeline import Pipeline, PipelineConfig, PipelineFailed, print_summary
 
     console = make_console()
     console.rule("1. the stack")
     procs = stack.up()
-    cfg = RunConfig.from_yaml(Path(__file__).resolve().parents[1] / "training/configs/smollm2_knowrl.yaml")
-    run_id = f"smollm2-knowrl-{time.strftime('%Y%m%d-%H%M%S')}"
-    start, version, _ = publish_start(procs, smollm2_folder(), run_id)
-    console.print(f"SmolLM2-135M-Instruct hot-swapped into generation as v{version}")
-
-    def evaluate_halueval(label: str) -> dict:
-        # HaluEval rows the run does not train on: a different seeded sample than the run's dataset_limit sample
-        r = asyncio.run(evaluate(EvalConfig(dataset="halueval_qa", limit=limit, seed=1234, label=label,
-                                            generation_target=procs["generation"].target,
-                                            verification_target=procs["verification"].target, max_tokens=48),
-                                 progress=True))
-        console.print(f"  v{r['weight_version']}: correct {r['correct']:.0%}, hallucinated {r['incorrect']:.0%}, "
-                      f"abstained {r['not_attempted']:.0%}, hallucinated among attempted "
-                      f"{r['hallucination_rate_attempted']:.0%}, AP {r['ap']:.2f}")
-        return r
-
-    console.rule(f"2. evaluate SmolLM2 closed-book on {limit} HaluEval-QA questions")
-    before = evaluate_halueval("before")
-    console.rule("3. KnowRL GRPO on SmolLM2 through the services")
-    if steps:
-        cfg.hyperparameters.max_steps = steps
-    version = asyncio.run(train_through_service(console, procs["training"].target, run_id, start, cfg, log_every=1))
-    console.print(f"generation serves v{version}")
-    console.rule("4. evaluate again")
-    after = evaluate_halueval("after")
-    console.print(f"HaluEval-QA closed-book, {limit} held-out questions: hallucinated {before['incorrect']:.0%} -> "
-                  f"{after['incorrect']:.0%}, abstained {before['not_attempted']:.0%} -> {after['not_attempted']:.0%}, "
-                  f"correct {before['correct']:.0%} -> {after['correct']:.0%}; chart: {after['chart']}")
+    path = Path(config) if config else Path(__file__).resolve().parents[1] / "training/configs/smollm2_pipeline.yaml"
+    cfg = PipelineConfig.from_yaml(path)
+    updates = {"runs_dir": str(stack.run_dir() / "runs"), "checkpoint_root": str(stack.run_dir() / "checkpoints"),
+               "generation_target": procs["generation"].target, "training_target": procs["training"].target,
+               "verification_target": procs["verification"].target, "retrieval_target": procs["retrieval"].target}
+    if fresh:
+        updates["name"] = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    cfg = cfg.model_copy(update=updates)
+    console.rule(f"2. pipeline {cfg.name}: " + " -> ".join(s.name for s in cfg.stages) + f" on {cfg.generation_model}")
+    console.print(f"held-out evaluation: {cfg.data.eval_size} questions from {cfg.data.sources} never seen by any "
+                  f"stage; training questions: {cfg.data.train_size}")
+    try:
+        state = asyncio.run(Pipeline(cfg, log=console.print).run())
+    except (ConfigError, PipelineFailed) as e:
+        console.print(f"[red]{e}[/red]")
+        return 1
+    console.rule("3. before and after every stage")
+    print_summary(state, console)
+    console.print(f"{cfg.generation_model} now serves the pipeline's weights; `knowserve models` lists its kept "
+                  f"versions and `knowserve rollback {cfg.generation_model} <version>` returns to one")
     return 0

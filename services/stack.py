@@ -99,6 +99,7 @@ def _service_env(name: str) -> dict[str, str]:
     # generation and training share one checkpoint store (a PVC in Kubernetes)
     env.setdefault(prefix + "CHECKPOINT_ROOT", str(run_dir() / "checkpoints"))
     if name == "training":
+        env.setdefault(prefix + "TRAINER_THREADS", "2")  # a run is the main load while it trains
         env.setdefault(prefix + "RUNS_DIR", str(run_dir() / "runs"))
         env.setdefault(prefix + "EVAL_DIR", str(run_dir() / "eval"))
     if name == "generation":
@@ -107,15 +108,17 @@ def _service_env(name: str) -> dict[str, str]:
 
 
 def local_models() -> list[dict]:
-    """The local stack's served models: SmolLM2-135M-Instruct (the default: users, the llm judge and grader) and
-    the demo world's model, which `make demo` trains and hot-swaps (until it is built, an untrained tiny Llama
-    holds its place)."""
-    from services.generation.config import BUILTIN_TINY, DEFAULT_MODEL, DEMO_MODEL
+    """The local stack's served models: SmolLM2-135M-Instruct (the default: users, the llm judge and grader), the
+    demo world's model, which `make demo` trains and hot-swaps (until it is built, an untrained tiny Llama holds
+    its place), and a SmolLM2 policy that `make demo-full`'s pipeline trains, so the model users and judges talk to
+    is never the one being trained."""
+    from services.generation.config import BUILTIN_TINY, DEFAULT_MODEL, DEMO_MODEL, POLICY_MODEL
 
     demo = run_dir() / "models" / DEMO_MODEL
     return [{"name": DEFAULT_MODEL, "replica_num_cpus": 1.0},
             {"name": DEMO_MODEL, "path": str(demo) if (demo / "config.json").exists() else BUILTIN_TINY,
-             "replica_num_cpus": 0.5}]
+             "replica_num_cpus": 0.5},
+            {"name": POLICY_MODEL, "replica_num_cpus": 0.5}]
 
 
 async def _health(procs: dict[str, Proc], started: dict[str, subprocess.Popen] | None = None) -> dict[str, str]:

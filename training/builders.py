@@ -9,10 +9,13 @@ dataset file (JSONL, TRL's formats) plus ``<out>.summary.json``.
   internal knowledge? I am sure." / "I am unsure."; ``method: refusal`` (R-Tuning-R) writes the gold answer for
   certain questions and "I don't know" for uncertain ones.
 * ``coldstart`` (KnowRL's cold start): the same split, written in a training recipe's own format —
-  ``<think>…</think><answer>…</answer>`` with the reasoning taken from the question's knowledge passage (or the
-  answered statement), and refusals for questions the model gets wrong — so GRPO starts with the format and with
-  reward variance; ``search: true`` writes R1-Searcher transcripts instead, with real passages from the retrieval
-  service inserted after the query (not trained on: ``untrained`` spans).
+  ``<think>…</think><answer>…</answer>`` and refusals for questions the model gets wrong — so GRPO starts with the
+  format and with reward variance. ``think: knowledge`` reasons from the question's knowledge passage (or the
+  answered statement); ``think: own`` writes the model's own first attempt followed by R-Tuning's self-assessment
+  ("I am sure." / "I am unsure."), so the decision to answer comes after the model has recalled what it can, not
+  before. ``unsure_ratio`` caps the uncertain examples per certain one (a model fine-tuned on mostly refusals
+  learns to refuse everything). ``search: true`` writes R1-Searcher transcripts instead, with real passages from
+  the retrieval service inserted after the query (not trained on: ``untrained`` spans).
 * ``knowtuning`` (KnowTuning, Lyu et al. 2024): long answers from the knowledge base ("Tell me about <title>" ->
   the lead paragraph), split into atomic facts by the verification service's claim splitter, and DPO pairs whose
   rejected answer has facts deleted (completeness), one fact revised — one name, number or date changed —
@@ -57,10 +60,12 @@ class BuildConfig:
     method: str = "refusal"  # rtuning: refusal | unsure
     max_tokens: int = 32
     match: str = "contains"
-    ask_system_prompt: str = ""  # the prompt the model is asked with ("" = knowserve eval's)
+    ask_system_prompt: str = ""  # the prompt the model is asked with ("" = coldstart: the recipe's; rtuning: eval's)
     system_prompt: str = ""  # the prompt written into the training rows ("" = the recipe's, else none)
     recipe: str = "knowrl"  # coldstart: whose system prompt and format
     search: bool = False  # coldstart: R1-Searcher transcripts with retrieved passages
+    think: str = "knowledge"  # coldstart: knowledge | own (the model's attempt + "I am sure/unsure.")
+    unsure_ratio: float = 0.0  # uncertain examples kept per certain one (0: all)
     prompt_format: str = "auto"
     model_folder: str = ""  # for prompt_format auto: the model the rows will train
     # knowtuning
@@ -84,6 +89,8 @@ class BuildConfig:
             raise DatasetError(f"method {self.method!r}: use refusal or unsure")
         if self.samples < 1 or not 0 < self.certain_threshold <= 1:
             raise DatasetError("samples must be >= 1 and certain_threshold in (0, 1]")
+        if self.think not in ("knowledge", "own"):
+            raise DatasetError(f"think {self.think!r}: use knowledge or own")
         return self
 
 
@@ -127,20 +134,21 @@ def _system_prompt(cfg: BuildConfig) -> str:
     return recipes()[cfg.recipe].system_prompt if cfg.recipe in recipes() else ""
 
 
-async def ask(cfg: BuildConfig, rows: list[QaRow]) -> tuple[list[list[str]], str]:
-    """Every question's ``samples`` graded answers from the served model (CORRECT, INCORRECT, ...), and the
-    checkpoint it serves."""
+async def ask(cfg: BuildConfig, rows: list[QaRow]) -> tuple[list[list[str]], list[str], str]:
+    """Every question's ``samples`` graded answers from the served model (CORRECT, INCORRECT, ...), its first
+    answer's text, and the checkpoint it serves."""
     from services.generation.client import GenerationClient
     from training.eval import DEFAULT_SYSTEM_PROMPT
     from training.prompts import render_prompt, resolve_format
 
     options = GradeOptions("answer_tag_or_text", cfg.match)
     out: list[list[str]] = []
+    texts: list[str] = []
     async with GenerationClient(cfg.generation_target, ClientOptions(timeout_seconds=900, retries=30),
                                 cfg.generation_app_name, cfg.model) as gen:
         info = await gen.model_info()
         fmt = resolve_format(cfg.prompt_format, cfg.model_folder or info.checkpoint_uri)
-        system = cfg.ask_system_prompt or DEFAULT_SYSTEM_PROMPT
+        system = cfg.ask_system_prompt or (_system_prompt(cfg) if cfg.builder == "coldstart" else DEFAULT_SYSTEM_PROMPT)
         from services.common.progress import progress
 
         bar = progress(total=len(rows), desc=f"{cfg.builder}: asking the served model", unit="q")
@@ -154,10 +162,12 @@ async def ask(cfg: BuildConfig, rows: list[QaRow]) -> tuple[list[list[str]], str
                 row = chunk[c.prompt_index]
                 by_prompt.setdefault(c.prompt_index, []).append(
                     grade(c.text, row.gold_answers, row.false_answers, options))
+                if c.sample_index == 0:
+                    texts.append(c.text)
             out += [by_prompt[k] for k in range(len(chunk))]
             bar.update(len(chunk))
         bar.close()
-    return out, info.checkpoint_uri
+    return out, texts, info.checkpoint_uri
 
 
 def certain(grades: list[str], threshold: float) -> bool:
@@ -205,6 +215,17 @@ async def _search_transcripts(cfg: BuildConfig, rows: list[QaRow]) -> list[tuple
     return out
 
 
+def first_sentence(text: str, max_words: int = 30) -> str:
+    """The first sentence of a model's answer (its first line, at most ``max_words`` words).
+
+    >>> first_sentence("The capital of Cuba is Havana. It is on the north coast.\\nMore.")
+    'The capital of Cuba is Havana.'
+    """
+    line = text.strip().split("\n")[0]
+    m = re.match(r"(.+?[.!?])(\s|$)", line)
+    return " ".join((m.group(1) if m else line).split()[:max_words])
+
+
 def _row(prompt, completion: str, chat: bool, untrained: list[str] | None = None) -> dict:
     row = {"prompt": prompt,
            "completion": [{"role": "assistant", "content": completion}] if chat else completion}
@@ -219,16 +240,23 @@ async def build_answers(cfg: BuildConfig) -> BuildSummary:
 
     start = time.monotonic()
     rows = _questions(cfg)
-    graded, served = await ask(cfg, rows)
+    graded, texts, served = await ask(cfg, rows)
     fmt = resolve_format(cfg.prompt_format, cfg.model_folder or served)  # the format of the model the rows train
     system = _system_prompt(cfg)
     searches = await _search_transcripts(cfg, rows) if cfg.builder == "coldstart" and cfg.search else None
     out, counts = [], Counter()
     summary = BuildSummary(cfg.builder, cfg.out)
+    keep_unsure = len(rows)
+    if cfg.unsure_ratio:
+        keep_unsure = int(cfg.unsure_ratio * sum(certain(g, cfg.certain_threshold) for g in graded))
     for i, (row, grades) in enumerate(zip(rows, graded)):
         known = certain(grades, cfg.certain_threshold)
         counts["certain" if known else "uncertain"] += 1
         summary.grades[row.id] = grades
+        if not known:
+            if counts["uncertain"] > keep_unsure:
+                counts["uncertain_dropped"] += 1
+                continue
         gold = row.gold_answers[0]
         prompt = render_prompt(row.question, fmt, system)
         if cfg.builder == "rtuning":
@@ -241,7 +269,10 @@ async def build_answers(cfg: BuildConfig) -> BuildSummary:
             text = f"<think>{transcript}</think><answer>{answer}</answer>"
             out.append(_row(prompt, text.removeprefix("<think>") if fmt == "demo" else text, fmt == "chat", [docs]))
         else:
-            think = _reasoning(row, gold) if known else "I do not know this reliably."
+            if cfg.think == "own":
+                think = f"{first_sentence(texts[i])} I am {'sure' if known else 'unsure'}."
+            else:
+                think = _reasoning(row, gold) if known else "I do not know this reliably."
             text = f"<think>{think}</think><answer>{gold if known else REFUSAL}</answer>"
             # the demo model's prompt already opens <think>
             out.append(_row(prompt, text.removeprefix("<think>") if fmt == "demo" else text, fmt == "chat"))

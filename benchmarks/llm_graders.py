@@ -1,0 +1,98 @@
+"""How good the model-based grading is, against the served model (the default: SmolLM2-135M-Instruct):
+
+* the ``llm`` judge (verification) on length-matched HaluEval-QA pairs — the claim "<question> <answer>" against the
+  question's knowledge passage, right vs hallucinated answer — beside the ``lexical`` judge and the majority class;
+* the ``llm`` grader (reward's correctness, SimpleQA's A/B/C) on TruthfulQA answer pairs: another true reference as
+  the prediction (should be CORRECT) and a false reference (should be INCORRECT), against the first true reference
+  as the gold target — beside the match grader (``contains``) on the same pairs.
+
+    .venv/bin/knowserve up --services generation && .venv/bin/python benchmarks/llm_graders.py --pairs 150
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+async def judge_pairs(target: str, model: str, pairs: int) -> dict:
+    from benchmarks.verification import halueval_items
+    from services.generation.client import GenerationClient
+    from services.verification.judges import LexicalJudge
+    from services.verification.llm import LlmJudge
+
+    items, _ = halueval_items(pairs, 1)
+    out = {"items": len(items), "majority_class": 0.5}
+    async with GenerationClient(target, model=model) as gen:
+        llm = LlmJudge(gen.greedy)
+        start = time.perf_counter()
+        verdicts = []
+        for i in range(0, len(items), 32):
+            chunk = items[i: i + 32]
+            verdicts += await llm.judge([c for c, _, _ in chunk], [[p] for _, p, _ in chunk])
+        seconds = time.perf_counter() - start
+    lexical = LexicalJudge().judge([c for c, _, _ in items], [[p] for _, p, _ in items])
+    for name, vs in (("llm", verdicts), ("lexical", lexical)):
+        pred = ["RIGHT" if v.label == "SUPPORTED" else "HALLUCINATED" for v in vs]
+        out[name] = sum(p == g for p, (_, _, g) in zip(pred, items)) / len(items)
+        out[f"{name}_labels"] = dict(Counter(v.label for v in vs))
+    out["llm_claims_per_second"] = len(items) / seconds
+    return out
+
+
+async def grade_pairs(target: str, model: str, pairs: int, seed: int) -> dict:
+    from services.common.grading import CORRECT, INCORRECT, GradeOptions, grade
+    from services.generation.client import GenerationClient
+    from services.reward.grader import grade_with_llm
+    from training.data import load_dataset
+
+    rows = [r for r in load_dataset("truthfulqa") if len(r.gold_answers) >= 2 and r.false_answers]
+    random.Random(seed).shuffle(rows)
+    rows = rows[:pairs]
+    cases = [(r.question, [r.gold_answers[0]], r.gold_answers[1], CORRECT) for r in rows]
+    cases += [(r.question, [r.gold_answers[0]], r.false_answers[0], INCORRECT) for r in rows]
+    async with GenerationClient(target, model=model) as gen:
+        graded = []
+        for i in range(0, len(cases), 32):
+            chunk = cases[i: i + 32]
+            graded += await grade_with_llm(gen.greedy, [c[0] for c in chunk], [c[1] for c in chunk],
+                                           [c[2] for c in chunk])
+    llm = [g for g, _ in graded]
+    match = [grade(c[2], c[1], options=GradeOptions("answer_tag_or_text", "contains")) for c in cases]
+    gold = [c[3] for c in cases]
+    return {"items": len(cases), "majority_class": 0.5,
+            "llm": sum(p == g for p, g in zip(llm, gold)) / len(cases),
+            "llm_unparseable": sum(p is None for p in llm) / len(cases),
+            "llm_grades": dict(Counter(str(p) for p in llm)),
+            "match_contains": sum(p == g for p, g in zip(match, gold)) / len(cases)}
+
+
+def main() -> None:
+    from services.common.addresses import default_target
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--generation", default=default_target("generation"))
+    parser.add_argument("--model", default="", help="the served model asked (default: the default model)")
+    parser.add_argument("--pairs", type=int, default=150)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    j = asyncio.run(judge_pairs(args.generation, args.model, args.pairs))
+    g = asyncio.run(grade_pairs(args.generation, args.model, args.pairs, args.seed))
+    print(f"llm judge, HaluEval-QA length-matched pairs ({j['items']} claims): llm {j['llm']:.3f}, lexical "
+          f"{j['lexical']:.3f}, majority {j['majority_class']:.3f}; llm labels {j['llm_labels']}; "
+          f"{j['llm_claims_per_second']:.1f} claims/s")
+    print(f"llm grader, TruthfulQA true vs false references ({g['items']} answers): llm {g['llm']:.3f} "
+          f"(unparseable {g['llm_unparseable']:.1%}; {g['llm_grades']}), match (contains) {g['match_contains']:.3f}, "
+          f"majority {g['majority_class']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
