@@ -15,6 +15,7 @@
     knowserve pipeline CONFIG.yaml [--resume]                       (build and train stages, evaluated after each)
     knowserve models                                                (served models, versions, kept versions)
     knowserve rollback MODEL VERSION                                (swap a model back to a kept version)
+    knowserve ask "Who wrote Hamlet?" [--model M] [--stream] [--search-tool]   (grounded answer with citations)
     knowserve demo
 """
 
@@ -231,6 +232,8 @@ def cmd_train(args) -> int:
             head = f"loss {r.loss:.4f} " + " ".join(f"{k}={v:.3f}" for k, v in sorted(r.metrics.items())
                                                     if k.startswith(("rewards/", "mean_token")))
         console.print(f"step {r.step}/{r.max_steps} {head} v{r.weight_version} {r.step_seconds:.1f}s {r.message}")
+        for event in r.events:
+            console.print(f"  {event}", markup=False)
 
     st = run_training(run.root, resume=bool(resume), on_progress=show if args.verbose else None, progress_bar=True)
     console.print(f"run {st.run_id}: {st.state} at step {st.step}/{st.max_steps}, generation serves "
@@ -248,7 +251,9 @@ async def _train_via_service(cfg, args, console) -> int:
         console.print(f"run {run.run_id} started")
         async for p in client.stream_progress(run.run_id):
             console.print(f"step {p.step}/{p.max_steps} reward {p.reward_mean:+.3f} refusal {p.refusal_rate:.0%} "
-                          f"v{p.weight_version} {p.message}")
+                          f"v{p.weight_version} {p.message}", markup=False)
+            for event in p.events:
+                console.print(f"  {event}", markup=False)
         run = await client.get_run(run.run_id)
         console.print(f"run {run.run_id}: {pb.RunState.Name(run.state)} at step {run.step}")
         return 0 if run.state in (pb.RUN_STATE_SUCCEEDED, pb.RUN_STATE_STOPPED) else 1
@@ -299,7 +304,8 @@ def cmd_pipeline(args) -> int:
 
     console = make_console()
     try:
-        state = run_pipeline(Path(args.config), resume=args.resume, log=console.print)
+        state = run_pipeline(Path(args.config), resume=args.resume,
+                             log=lambda m: console.print(m, markup=False, highlight=False))
     except (ConfigError, PipelineFailed) as e:
         console.print(f"[red]{e}[/red]")
         return 1
@@ -323,13 +329,18 @@ def cmd_models(args) -> int:
             return await g.list_models()
 
     t = Table(title="served models")
-    for col in ("model", "engine", "parameters", "serving", "checkpoint", "kept versions", "replicas"):
+    from knowserve.generation.v1 import generation_service_pb2 as gpb
+
+    for col in ("model", "engine", "parameters", "serving", "checkpoint", "kept versions", "replicas", "last gate"):
         t.add_column(col, overflow="fold")
     for m in asyncio.run(run()):
         kept = ", ".join(f"v{k.version}" for k in m.kept_versions)
+        gate = (f"{gpb.GateState.Name(m.gate.state).removeprefix('GATE_STATE_').lower()}: {m.gate.message}"
+                if m.HasField("gate") else "-")
         t.add_row(m.model + (" (default)" if m.is_default else ""), m.engine, f"{m.parameters / 1e6:.1f}M",
                   f"v{m.weight_version}" + (f" (latest v{m.latest_version})" if m.latest_version > m.weight_version
-                                            else ""), f"{m.model_name}: {m.checkpoint_uri}", kept, str(m.replicas))
+                                            else ""), f"{m.model_name}: {m.checkpoint_uri}", kept, str(m.replicas),
+                  gate)
     make_console().print(t)
     return 0
 
@@ -342,6 +353,45 @@ def cmd_rollback(args) -> int:
     r = asyncio.run(run())
     print(f"{args.model}: v{r.previous_version} -> v{r.version} on {r.replicas_updated} replica(s) in "
           f"{r.swap_seconds:.2f}s")
+    return 0
+
+
+def print_answer(r, printer=print) -> None:
+    """An AnswerResponse as a person reads it: answer, outcome, claims with verdicts, citations."""
+    from services.answer.client import outcome_name, verdict_name
+
+    printer(r.answer)
+    verified = "" if r.verified else " (verification unavailable: unverified)"
+    printer(f"[{outcome_name(r.outcome)}] support {r.support:.0%} of {len(r.claims)} claim(s); {r.model} "
+            f"v{r.weight_version}{verified}; " + ", ".join(f"{k} {v:.2f}s" for k, v in sorted(r.timings.items())))
+    if r.generated != r.answer:
+        printer(f"  the model said: {r.generated.strip()}")
+    for c in r.claims:
+        printer(f"  {verdict_name(c.verdict):16s} {c.score:.2f}  {c.text}  {list(c.passage_ids)}")
+    for c in r.citations:
+        printer(f"  [{c.passage_id}] {c.title} (claims {', '.join(str(i + 1) for i in c.claim_indexes)})")
+
+
+def cmd_ask(args) -> int:
+    from services.answer.client import AnswerClient
+
+    async def run():
+        async with AnswerClient(args.target or default_target("answer")) as client:
+            kw = dict(top_k=args.top_k, support_threshold=args.threshold, model=args.model,
+                      max_tokens=args.max_tokens)
+            if not args.stream:
+                return await client.answer(args.question, mode="search_tool" if args.search_tool else "passages",
+                                           **kw)
+            result = None
+            async for chunk in client.answer_stream(args.question, **kw):
+                if chunk.HasField("result"):
+                    result = chunk.result
+                else:
+                    print(chunk.text_delta, end="", flush=True)
+            print()
+            return result
+
+    print_answer(asyncio.run(run()))
     return 0
 
 
@@ -524,6 +574,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", help=f"generation host:port (default {default_target('generation')})")
     p.add_argument("--generation-app", default=GENERATION_APP)
     p.set_defaults(fn=cmd_rollback)
+
+    p = sub.add_parser("ask", help="a grounded answer: retrieved passages -> the served model -> every claim "
+                       "verified; answered, flagged, or abstained with a refusal")
+    p.add_argument("question")
+    p.add_argument("--model", default="", help="served model (default: the answer service's)")
+    p.add_argument("--top-k", type=int, default=0, help="passages in the prompt (default: the service's)")
+    p.add_argument("--threshold", type=float, default=None, help="support below this abstains (default 0.5)")
+    p.add_argument("--max-tokens", type=int, default=0)
+    p.add_argument("--search-tool", action="store_true", help="the model searches itself (its search protocol)")
+    p.add_argument("--stream", action="store_true", help="stream the tokens, then the verdicts (AnswerStream)")
+    p.add_argument("--target", help=f"answer host:port (default {default_target('answer')})")
+    p.set_defaults(fn=cmd_ask)
 
     p = sub.add_parser("demo", help="start the stack, ingest the demo corpus, show it working")
     p.add_argument("--full", action="store_true", help="the longer target: the SmolLM2 pipeline (cold start, SFT, "

@@ -3,13 +3,16 @@ reward), ingest the Wikipedia demo corpus, then show retrieval, a knowledge edit
 claim-level verification of a right and a hallucinated answer, and their KnowRL rewards.
 
 Then the served model (SmolLM2-135M-Instruct on Ray Serve) answers questions closed-book and with retrieved
-passages, and the verifier checks every claim.
+passages, and the verifier checks every claim; the answer service turns that into grounded answers for users:
+cited when supported, refused (citing what was found) when not, and changed by a knowledge edit at once.
 
 Then the loop that makes knowserve more than its parts, on the **demo world** (a generated fictional knowledge
 base, so a wrong answer is unambiguously a hallucination): a small model the demo builds for itself is
 hot-swapped into generation, evaluated, trained with GRPO through the services (rollouts from generation with
 retrieval inside generation, KnowRL rewards from reward + verification, new weights hot-swapped into generation
-after every step), and evaluated again: a before/after table and a chart.
+after every step), and evaluated again: a before/after table and a chart. Simulated users ask the demo model
+all along; the answer service verifies their answers live, so the live hallucination rate of every weight version
+is shown, and a hallucination-gated swap of the pre-GRPO weights is decided on that traffic.
 """
 
 from __future__ import annotations
@@ -106,6 +109,11 @@ def run_demo() -> int:
     if "generation" in procs:
         asyncio.run(show_model_hallucination(console, procs["generation"].target, procs["verification"].target,
                                              target))
+    if "answer" in procs and "generation" in procs:
+        from services.demo_live import show_grounded_answers
+
+        console.rule("9. grounded answers for users (answer service): retrieve -> generate -> verify every claim")
+        asyncio.run(show_grounded_answers(console, procs["answer"].target, target))
     if "generation" in procs and "training" in procs:
         demo_world_loop(console, procs)
     console.rule("done")
@@ -186,10 +194,12 @@ async def show_model_hallucination(console: Console, generation: str, verificati
 
 
 DEMO_WORLD_ENTITIES = 40  # per pool: taught, kb_only, copy
+GATE_ANSWERS = 60  # verified live answers per version the demo's gate compares
 
 
 def demo_world_loop(console: Console, procs: dict) -> None:
-    """Steps 9-12: the demo world, its model, evaluation, GRPO through the services with hot-swaps, evaluation."""
+    """Steps 10-14: the demo world, its model, evaluation, GRPO through the services with hot-swaps (users asking
+    all along, verified live), evaluation, and a hallucination-gated swap decided on that live traffic."""
     from rich.table import Table
 
     from training.demo_model import SftConfig, train_demo_model
@@ -198,7 +208,7 @@ def demo_world_loop(console: Console, procs: dict) -> None:
 
     run_dir = stack.run_dir()
     world_dir, model_dir = run_dir / "world", run_dir / "models" / "demo-world"
-    console.rule("9. the demo world: a fictional knowledge base, and a small model that knows only part of it")
+    console.rule("10. the demo world: a fictional knowledge base, and a small model that knows only part of it")
     if (world_dir / "world.json").exists():
         world = World.load(world_dir)
     else:
@@ -239,13 +249,27 @@ def demo_world_loop(console: Console, procs: dict) -> None:
                           f"{support}, AP {r['ap']:.2f}, searched {r['search_rate']:.0%} ({r['n']} questions)")
         return out
 
-    console.rule("10. evaluate it on held-out people (the search tool is available; the model decides)")
+    console.rule("11. evaluate it on held-out people (the search tool is available; the model decides)")
     before = evaluate_both("before")
-    console.rule("11. GRPO through the services: rollouts <- generation (+retrieval), rewards <- reward, "
+    traffic = None
+    if "answer" in procs:
+        from services.demo_live import LiveTraffic
+        from training.data import load_dataset
+        from training.prompts import render_prompt
+
+        rows = [r for ds in ("demo_world:kb_only:heldout", "demo_world:taught:heldout")
+                for r in load_dataset(ds, world_dir=world_dir)]
+        traffic = LiveTraffic(procs["generation"].target, procs["answer"].target, DEMO_MODEL,
+                              [render_prompt(r.question, "demo") for r in rows]).start()
+        console.print(f"simulated users now ask {DEMO_MODEL} held-out questions ({len(rows)} in rotation); the "
+                      "generation service samples their answers to the answer service, which verifies them live")
+    console.rule("12. GRPO through the services: rollouts <- generation (+retrieval), rewards <- reward, "
                  "weights -> generation every step")
     after_version = asyncio.run(train_through_service(console, procs["training"].target, run_id, start,
                                                       generation_model=DEMO_MODEL))
-    console.rule("12. evaluate again")
+    if traffic is not None:
+        console.print(traffic.table())
+    console.rule("13. evaluate again")
     after = evaluate_both("after")
     table = Table(title="held-out demo-world questions: before vs after GRPO")
     for col in ("questions", "", "correct", "hallucinated", "abstained", "correct-or-abstain", "searched"):
@@ -265,6 +289,17 @@ def demo_world_loop(console: Console, procs: dict) -> None:
     console.print(f"results: {Path(a['path']).parent} (JSON per benchmark and version), chart: {a['chart']}")
     console.print(f"training metrics and eval gauges: http://127.0.0.1:{procs['training'].metrics_port}/metrics "
                   f"(knowserve_training_*, knowserve_eval_*)")
+    if traffic is not None:
+        from services.demo_live import gated_swap
+
+        console.rule("14. a hallucination-gated swap: the pre-GRPO weights as a candidate, judged on live traffic")
+        try:
+            asyncio.run(gated_swap(console, procs["generation"].target, procs["answer"].target, DEMO_MODEL,
+                                   str(start), min_answers=GATE_ANSWERS, window_seconds=240))
+        finally:
+            traffic.stop()
+        console.print(f"simulated users: {traffic.requests} requests, {traffic.failures} failed; live rate by "
+                      f"model and version: knowserve:live_unsupported_answers:ratio_rate10m in Prometheus")
 
 
 def publish_start(procs: dict, model_dir: Path, run_id: str, model: str = "") -> tuple[Path, int, float]:
@@ -340,7 +375,7 @@ def run_demo_full(config: str = "", fresh: bool = True) -> int:
     console.print(f"held-out evaluation: {cfg.data.eval_size} questions from {cfg.data.sources} never seen by any "
                   f"stage; training questions: {cfg.data.train_size}")
     try:
-        state = asyncio.run(Pipeline(cfg, log=console.print).run())
+        state = asyncio.run(Pipeline(cfg, log=lambda m: console.print(m, markup=False, highlight=False)).run())
     except (ConfigError, PipelineFailed) as e:
         console.print(f"[red]{e}[/red]")
         return 1

@@ -29,14 +29,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _registry() -> dict[str, type[ServiceSettings]]:
     """Services the stack can run, in start order (dependencies first)."""
-    from services.retrieval.config import RetrievalSettings
+    from services.answer.config import AnswerSettings
     from services.generation.config import GenerationSettings
+    from services.retrieval.config import RetrievalSettings
     from services.reward.config import RewardSettings
     from services.training.config import TrainingSettings
     from services.verification.config import VerificationSettings
 
     return {"retrieval": RetrievalSettings, "verification": VerificationSettings, "reward": RewardSettings,
-            "generation": GenerationSettings, "training": TrainingSettings}
+            "generation": GenerationSettings, "answer": AnswerSettings, "training": TrainingSettings}
 
 
 @dataclass
@@ -104,6 +105,8 @@ def _service_env(name: str) -> dict[str, str]:
         env.setdefault(prefix + "EVAL_DIR", str(run_dir() / "eval"))
     if name == "generation":
         env.setdefault(prefix + "MODELS", json.dumps(local_models()))
+        # a local stack has little traffic: verify every user completion live (the product default samples 10%)
+        env.setdefault(prefix + "LIVE_SAMPLE_RATE", "1.0")
     return env
 
 

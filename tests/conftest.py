@@ -201,6 +201,13 @@ async def run_tool(*args: str, input: str | None = None) -> subprocess.Completed
 
 
 @pytest.fixture(scope="session")
+def answer_port():
+    """The port the session's generation app sends live samples to and reads gate figures from; a test that
+    needs live monitoring starts an answer service there."""
+    return free_port()
+
+
+@pytest.fixture(scope="session")
 def generation_retrieval_port():
     """The port the session's generation app sends tool-protocol searches to; a test that needs retrieval inside
     generation starts a retrieval service there."""
@@ -225,6 +232,7 @@ class GenerationApp:
             "port": self.port, "http_port": self.http_port, "dashboard_port": free_port(),
             "checkpoint_root": root, "app_name": app_name, "metrics_port": self.metrics_port,
             "metrics_dir": root / "metrics", "replicas": 2, "replica_num_cpus": 0.5, "ray_num_cpus": 2,
+            "answer_target": "",  # no live monitoring unless a test asks (never the local stack's port)
             **settings}.items()}
         self.env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_USAGE_STATS_ENABLED="0", **env)
         self.log_path = root / "generation.log"
@@ -262,23 +270,42 @@ class GenerationApp:
         self.proc = None
 
 
-SERVE_MODELS = ("tiny", "second")  # the session app's models: the default, and one other (isolation, rollback)
+# the session app's models: the default, one other (isolation, rollback), one for the hallucination gate
+SERVE_MODELS = ("tiny", "second", "gated")
 
 
 @pytest.fixture(scope="session")
-def serve_generation_app(tmp_path_factory, generation_retrieval_port) -> GenerationApp:
-    """The generation app on a real local Ray head, shared by the generation, verification, reward and training
-    tests: two named models, `tiny` (the default; 2 replicas) and `second` (1 replica), tiny Llamas built here."""
+def serve_generation_app(tmp_path_factory, generation_retrieval_port, answer_port) -> GenerationApp:
+    """The generation app on a real local Ray head, shared by the generation, verification, reward, answer and
+    training tests: three named models, `tiny` (the default; 2 replicas), `second` and `gated` (1 replica each),
+    tiny Llamas built here. Every user completion is sampled for live monitoring (to ``answer_port``)."""
     from services.common.models import tiny_lm_folder
 
     tiny_model = tiny_lm_folder(ROOT / ".cache/models")
     root = tmp_path_factory.mktemp("checkpoints")
     shutil.copytree(tiny_model, root / "v1")
     app = GenerationApp(root, None, max_tokens_limit=64, default_max_tokens=16,
-                        retrieval_target=f"127.0.0.1:{generation_retrieval_port}", models=[
+                        retrieval_target=f"127.0.0.1:{generation_retrieval_port}",
+                        answer_target=f"127.0.0.1:{answer_port}", live_sample_rate=1.0, gate_poll_seconds=0.5,
+                        models=[
                             {"name": SERVE_MODELS[0], "path": str(root / "v1"), "replicas": 2, "replica_num_cpus": 0.5},
                             {"name": SERVE_MODELS[1], "path": "builtin:tiny", "replicas": 1,
+                             "replica_num_cpus": 0.25},
+                            {"name": SERVE_MODELS[2], "path": str(root / "v1"), "replicas": 1,
                              "replica_num_cpus": 0.25}]).start()
+    yield app
+    app.stop()
+
+
+@pytest.fixture(scope="session")
+def smollm2_app(tmp_path_factory):
+    """SmolLM2-135M-Instruct (from its wheel) served by the real Serve app: the real-model tests share it."""
+    from services.common.models import smollm2_folder
+
+    root = tmp_path_factory.mktemp("smollm2")
+    shutil.copytree(smollm2_folder(ROOT / ".cache/models"), root / "smollm2")
+    app = GenerationApp(root, root / "smollm2", app_name="knowserve-smollm2-test", replicas=1,
+                        replica_num_cpus=1, max_tokens_limit=128, default_max_tokens=32).start()
     yield app
     app.stop()
 

@@ -145,7 +145,7 @@ async def ask(cfg: BuildConfig, rows: list[QaRow]) -> tuple[list[list[str]], lis
     out: list[list[str]] = []
     texts: list[str] = []
     async with GenerationClient(cfg.generation_target, ClientOptions(timeout_seconds=900, retries=30),
-                                cfg.generation_app_name, cfg.model) as gen:
+                                cfg.generation_app_name, cfg.model, internal=True) as gen:
         info = await gen.model_info()
         fmt = resolve_format(cfg.prompt_format, cfg.model_folder or info.checkpoint_uri)
         system = cfg.ask_system_prompt or (_system_prompt(cfg) if cfg.builder == "coldstart" else DEFAULT_SYSTEM_PROMPT)

@@ -133,6 +133,17 @@ def check_causal_lm(folder: str | Path, field: str = "model") -> None:
                           "language model (…ForCausalLM); train a causal LM folder")
 
 
+class PublishGate(BaseModel):
+    """The hallucination gate of a run's publishes (generation's ``HallucinationGate``; zero: its defaults)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_answers: int = Field(0, ge=0, description="Verified live answers needed per version.")
+    margin: float | None = Field(None, ge=0, le=1, description="How much worse a version may be.")
+    alpha: float = Field(0.0, ge=0, lt=1, description="Significance level of the test.")
+    window_seconds: float = Field(0.0, ge=0, description="Seconds a gate waits for its answers.")
+
+
 class RunConfig(BaseModel):
     """One training run. YAML keys are these field names."""
 
@@ -159,6 +170,9 @@ class RunConfig(BaseModel):
                                   "to (knowserve models); empty: the generation service's default model.")
     reward_target: str = default_target("reward")
     publish: bool = Field(True, description="Publish weights to generation every sync_every steps.")
+    publish_gate: PublishGate | None = Field(None, description="Publish with a hallucination gate: generation rolls "
+                                             "a version back by itself when its live hallucination rate is worse "
+                                             "than the previous version's; decisions show in the progress events.")
     checkpoint_root: str = Field(".knowserve/checkpoints", description="The generation service's allowed "
                                  "checkpoint root (KNOWSERVE_GENERATION_CHECKPOINT_ROOT); weights are published there.")
     runs_dir: str = Field(".knowserve/runs", description="Where runs keep state, trainer checkpoints and progress.")

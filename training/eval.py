@@ -22,18 +22,17 @@ from pathlib import Path
 
 from services.common.addresses import GENERATION_APP, default_target
 from services.common.clients import ClientOptions
-from services.common.grading import ANSWER_FROM, MATCHES, MISSING, NOT_ATTEMPTED, GradeOptions, grade, take_answer
-from services.common.text import END_MARKERS, normalize_answer, strip_end_markers
+from services.common.grading import (ANSWER_FROM, MATCHES, MISSING, NOT_ATTEMPTED, GradeOptions, checkable_text, grade,
+                                     take_answer)
+from services.common.text import END_MARKERS, strip_end_markers
 from services.common.tools import DEFAULT as DEFAULT_TOOL_PROTOCOL
 from services.common.tools import check as check_tool_protocol
-from services.common.tools import strip_tool_blocks
 from training.data import QaRow, load_dataset
 from training.metrics import average_precision, rates, sequence_confidence
 from training.prompts import FORMATS, render_prompt, resolve_format
 
 DEFAULT_SYSTEM_PROMPT = ("Answer the question with a short phrase, without explanation. If you do not know the "
                          "answer, say \"I don't know\".")
-_TAGS = re.compile(r"</?(think|answer)>")
 
 
 @dataclass
@@ -74,33 +73,6 @@ class EvalConfig:
         return self
 
 
-def claim_text(completion: str) -> str:
-    """What the model itself asserted: the completion without queries, inserted documents and tags.
-
-    >>> claim_text("<think><|begin_of_query|>q<|end_of_query|><|begin_of_documents|>(1) d<|end_of_documents|>"
-    ...            "X was born in Y.</think><answer>Y</answer>")
-    'X was born in Y. Y'
-    """
-    text = _TAGS.sub(" ", strip_tool_blocks(completion))
-    return re.sub(r"\s+", " ", text).strip()
-
-
-def checkable_text(completion: str, answer: str) -> str:
-    """The text whose claims are checked: what the model asserted (:func:`claim_text`), or "" when that is only
-    the bare answer — a one-word answer written after a search states no checkable fact of its own, so it is left
-    out of the claim support rate rather than counted as an unsupported claim.
-
-    >>> searched = ("<think><|begin_of_query|> Ilvar Brenneck birthplace<|end_of_query|><|begin_of_documents|>(1) ..."
-    ...             "<|end_of_documents|></think><answer>Velmora</answer>")
-    >>> checkable_text(searched, "Velmora")
-    ''
-    >>> checkable_text("<think>X was born in Velmora.</think><answer>Velmora</answer>", "Velmora")
-    'X was born in Velmora. Velmora'
-    """
-    asserted = claim_text(completion)
-    return asserted if asserted and normalize_answer(asserted) != normalize_answer(answer) else ""
-
-
 def grade_options(cfg: EvalConfig, end_markers=END_MARKERS) -> GradeOptions:
     """The grading rule of an eval (the same :class:`GradeOptions` a reward recipe states)."""
     return GradeOptions(cfg.answer_from, cfg.match, tuple(end_markers))
@@ -124,7 +96,7 @@ async def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     rows = await asyncio.to_thread(load_dataset, cfg.dataset, None, cfg.limit, cfg.seed)
     gen = GenerationClient(cfg.generation_target, ClientOptions(timeout_seconds=900, retries=30,
                                                                 backoff_max_seconds=2.0), cfg.generation_app_name,
-                           model=cfg.model)
+                           model=cfg.model, internal=True)
     start = time.monotonic()
     try:
         info = await gen.model_info()

@@ -111,6 +111,8 @@ def make_reporter(run: RunDir, st: RunState, cfg: RunConfig, h: Resolved, publis
                                     publishes={"ok": int(bool(self.pending_message)), "failed": 0})
             self.pending_message = ""
             last = state.global_step >= state.max_steps
+            if publisher is not None:
+                record.events = publisher.gate_events()  # the decision on an earlier version comes first
             if publisher is not None and ((h.sync_every and state.global_step % h.sync_every == 0) or last):
                 self._publish(model, processing_class, state.global_step, messages, record)
             st.step = state.global_step
@@ -214,7 +216,8 @@ def run_training(run_root: Path, resume: bool = False, on_progress: Callable[[Pr
         tokenizer = AutoTokenizer.from_pretrained(cfg.model)
         io = BackgroundLoop()
         publisher = (WeightPublisher(io, cfg.generation_target, publish_dir, app_name=cfg.generation_app_name,
-                                     model=cfg.generation_model, label=cfg.run_id, retry_seconds=cfg.retry_seconds)
+                                     model=cfg.generation_model, label=cfg.run_id, retry_seconds=cfg.retry_seconds,
+                                     gate=cfg.publish_gate)
                      if cfg.publish else None)
         reporter = make_reporter(run, st, cfg, h, publisher, control, spec.publish_start, on_progress)
         ctx = TrainContext(cfg, h, run, io, reporter, tokenizer)

@@ -209,7 +209,7 @@ class Pipeline:
         keep = ("weight_version", "n", "correct", "incorrect", "not_attempted", "hallucination_rate_attempted",
                 "correct_or_abstain", "ap", "claim_support", "seconds", "path")
         summary = {k: r.get(k) for k in keep}
-        self.log(f"eval [{label}] v{r['weight_version']}: correct {r['correct']:.1%}, hallucinated "
+        self.log(f"eval ({label}) v{r['weight_version']}: correct {r['correct']:.1%}, hallucinated "
                  f"{r['incorrect']:.1%}, abstained {r['not_attempted']:.1%}, AP {r['ap']:.2f} ({r['n']} questions)")
         return summary
 
@@ -268,7 +268,7 @@ class Pipeline:
                 run = await client.start_run_config(cfg)
                 st.run_id = run.run_id
                 state.save(self.state_path)
-            self.log(f"[{stage.name}] run {run.run_id}: {run.algorithm} on {cfg.dataset}, "
+            self.log(f"{stage.name}: run {run.run_id}: {run.algorithm} on {cfg.dataset}, "
                      f"{run.max_steps} steps{' (resumed)' if resume else ''}")
             from services.common.progress import progress
 
@@ -318,7 +318,7 @@ class Pipeline:
                                         "retrieval_target": self.cfg.retrieval_target})
                     summary = await build(bc)
                     st.output = bc.out
-                    self.log(f"[{stage.name}] {summary.rows} rows -> {bc.out} ({summary.counts}, "
+                    self.log(f"{stage.name}: {summary.rows} rows -> {bc.out} ({summary.counts}, "
                              f"{summary.seconds:.0f}s)")
                 else:
                     await self._train(i, stage, st, state)  # its last step published the final weights

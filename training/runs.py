@@ -66,6 +66,7 @@ class ProgressRecord:
     publish_seconds: float = 0.0
     publishes: dict[str, int] = field(default_factory=lambda: {"ok": 0, "failed": 0})
     message: str = ""
+    events: list[str] = field(default_factory=list)  # hallucination-gate decisions on this run's versions
     # GRPO
     recipe: str = ""
     reward_mean: float = 0.0

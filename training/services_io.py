@@ -95,7 +95,7 @@ class ServiceRollout:
 
         self.io = io
         self.client = io.make(lambda: GenerationClient(generation_target, retrying_options(retry_seconds, call_timeout),
-                                                       app_name, model))
+                                                       app_name, model, internal=True))
         self.temperature, self.max_tokens = temperature, max_tokens
         self.tool_protocol, self.max_tool_turns, self.retrieval_top_k = tool_protocol, max_tool_turns, retrieval_top_k
         self.last = RolloutStats()
@@ -151,7 +151,7 @@ class WeightPublisher:
     """
 
     def __init__(self, io: BackgroundLoop, generation_target: str, checkpoint_dir: Path, *, app_name: str,
-                 model: str = "", label: str = "", keep: int = 2, retry_seconds: float = 600.0):
+                 model: str = "", label: str = "", keep: int = 2, retry_seconds: float = 600.0, gate=None):
         from services.generation.client import GenerationClient
 
         self.io = io
@@ -161,6 +161,8 @@ class WeightPublisher:
         self.label = label or checkpoint_dir.name
         self.keep = keep
         self.history: list[PublishResult] = []
+        self.gate = gate  # training.config.PublishGate: publish with a hallucination gate
+        self._gates_reported: set[tuple[int, int]] = set()  # (version, state) already reported
 
     def serving(self):
         return self.io.run(self.client.model_info())
@@ -174,7 +176,7 @@ class WeightPublisher:
             version = max(int(info.weight_version), int(info.latest_version)) + 1
             save_policy(model, tokenizer, folder, {"name": f"{self.label} step {step}", "step": step,
                                                    "run": self.label, "base": info.model_name})
-            reply = self.io.run(self.client.update_weights(str(folder.resolve()), version))
+            reply = self.io.run(self.client.update_weights(str(folder.resolve()), version, gate=self._gate_proto()))
             result = PublishResult(True, int(reply.version), str(folder), time.perf_counter() - start)
         except Exception as e:  # noqa: BLE001 - a failed swap is reported; the run goes on
             result = PublishResult(False, 0, str(folder), time.perf_counter() - start, f"{type(e).__name__}: {e}")
@@ -182,6 +184,39 @@ class WeightPublisher:
         self.history.append(result)
         self._prune()
         return result
+
+    def _gate_proto(self):
+        if self.gate is None:
+            return None
+        from knowserve.generation.v1 import generation_service_pb2 as gpb
+
+        g = gpb.HallucinationGate(min_answers=self.gate.min_answers, alpha=self.gate.alpha,
+                                  window_seconds=self.gate.window_seconds)
+        if self.gate.margin is not None:
+            g.margin = self.gate.margin
+        return g
+
+    def gate_events(self) -> list[str]:
+        """New decisions of the hallucination gate on versions this run published ("" each, once)."""
+        if self.gate is None or not self.history:
+            return []
+        from knowserve.generation.v1 import generation_service_pb2 as gpb
+
+        try:
+            info = self.serving()
+        except Exception as e:  # noqa: BLE001 - not knowing now is not an event; asked again next step
+            log.info("gate status unknown: %s", e)
+            return []
+        if not info.HasField("gate"):
+            return []
+        g = info.gate
+        ours = {r.version for r in self.history if r.ok}
+        key = (int(g.version), int(g.state))
+        if g.version not in ours or g.state == gpb.GATE_STATE_PENDING or key in self._gates_reported:
+            return []
+        self._gates_reported.add(key)
+        state = gpb.GateState.Name(g.state).removeprefix("GATE_STATE_").lower()
+        return [f"gate {state} v{g.version}: {g.message}"]
 
     def _prune(self) -> None:
         published = sorted(p for p in self.checkpoint_dir.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))

@@ -22,7 +22,7 @@ from grafana_foundation_sdk.models.dashboard import DataSourceRef, VariableRefre
 ROOT = Path(__file__).resolve().parents[2]
 OUT_DIRS = [ROOT / "deploy/grafana/dashboards", ROOT / "helm/knowserve/dashboards"]
 DS = DataSourceRef(type_val="prometheus", uid="${datasource}")
-SERVICES = ("retrieval", "verification", "reward", "generation", "training")
+SERVICES = ("retrieval", "verification", "reward", "generation", "answer", "training")
 
 
 def query(expr: str, legend: str = "", ref: str = "A") -> prometheus.Dataquery:
@@ -53,8 +53,23 @@ def base(uid: str, title: str, tags: list[str]) -> db.Dashboard:
             .link(db.DashboardLink("knowserve").type("dashboards").tags(["knowserve"]).as_dropdown(True)))
 
 
+def swap_annotations(selector: str = "") -> list[db.AnnotationQuery]:
+    """Weight swaps (orange) and the hallucination gate's automatic rollbacks (red) as annotations."""
+    swaps = (db.AnnotationQuery().name("weight swaps").datasource(DS).enable(True).icon_color("orange")
+             .target(db.AnnotationTarget().limit(100).match_any(False).tags([]).type("dashboard"))
+             .expr(f"changes(max by (model) (knowserve_generation_weight_version{{{selector}}})[1m:15s]) > 0"))
+    rolled = (db.AnnotationQuery().name("gate rollbacks").datasource(DS).enable(True).icon_color("red")
+              .target(db.AnnotationTarget().limit(100).match_any(False).tags([]).type("dashboard"))
+              .expr("sum by (model) (increase(knowserve_generation_swaps_total{"
+                    + (selector + "," if selector else "") + 'result="rolled_back"}[1m])) > 0'))
+    return [swaps, rolled]
+
+
 def hallucination_overview() -> db.Dashboard:
-    return (base("knowserve-hallucination", "knowserve / Hallucination overview", ["hallucination"])
+    d = base("knowserve-hallucination", "knowserve / Hallucination overview", ["hallucination"])
+    for a in swap_annotations():
+        d = d.annotation(a)
+    return (d
             .with_row(db.Row("Now"))
             .with_panel(st("Hallucination rate (rollouts, 10m)", "percentunit",
                            "max(knowserve:reward_hallucination_rate:ratio_rate10m)",
@@ -87,7 +102,32 @@ def hallucination_overview() -> db.Dashboard:
                            minv=0, maxv=1))
             .with_panel(ts("Hallucination among attempted answers (eval)", "percentunit",
                            ("knowserve_eval_hallucination_ratio",
-                            "{{model}} {{benchmark}} {{mode}} v{{weight_version}}"), minv=0, maxv=1)))
+                            "{{model}} {{benchmark}} {{mode}} v{{weight_version}}"), minv=0, maxv=1))
+            .with_row(db.Row("Live traffic (what served models tell users)"))
+            .with_panel(ts("Live unsupported answers by model and version", "percentunit",
+                           ("knowserve:live_unsupported_answers:ratio_rate10m", "{{model}} v{{weight_version}}"),
+                           minv=0, maxv=1, desc="Verified live answers (Answer calls and sampled Generate traffic) "
+                           "with a refuted claim or support below the threshold; swaps and gate rollbacks are "
+                           "annotated."))
+            .with_panel(ts("Live refuted claims by model and version", "percentunit",
+                           ("knowserve:live_hallucination_rate:ratio_rate10m", "{{model}} v{{weight_version}}"),
+                           minv=0, maxv=1))
+            .with_panel(ts("Live answers by outcome", "ops",
+                           ("sum by (model, outcome) (rate(knowserve_live_answers_total[$__rate_interval]))",
+                            "{{model}} {{outcome}}")))
+            .with_panel(ts("Live verification lag and dropped samples", "s",
+                           ("histogram_quantile(0.5, sum by (model, le) (rate("
+                            "knowserve_live_verification_lag_seconds_bucket[$__rate_interval])))", "lag p50 {{model}}"),
+                           ("histogram_quantile(0.99, sum by (model, le) (rate("
+                            "knowserve_live_verification_lag_seconds_bucket[$__rate_interval])))", "lag p99 {{model}}"),
+                           ("sum by (model, reason) (rate(knowserve_live_dropped_samples_total[$__rate_interval]))",
+                            "dropped/s {{model}} {{reason}}")))
+            .with_panel(ts("Answer outcomes", "ops",
+                           ("sum by (model, outcome) (rate(knowserve_answer_outcomes_total[$__rate_interval]))",
+                            "{{model}} {{outcome}}")))
+            .with_panel(ts("Hallucination gate decisions", "short",
+                           ("sum by (model, decision) (increase(knowserve_generation_gate_decisions_total"
+                            "[$__rate_interval]))", "{{model}} {{decision}}"))))
 
 
 def service_red() -> db.Dashboard:
@@ -118,14 +158,13 @@ def service_red() -> db.Dashboard:
 def generation() -> db.Dashboard:
     """Every panel broken down by served ``model`` (a $model variable selects them)."""
     m = 'model=~"$model"'
-    swaps = (db.AnnotationQuery().name("weight swaps").datasource(DS).enable(True).icon_color("orange")
-             .target(db.AnnotationTarget().limit(100).match_any(False).tags([]).type("dashboard"))
-             .expr(f"changes(max by (model) (knowserve_generation_weight_version{{{m}}})[1m:15s]) > 0"))
     d = (base("knowserve-generation", "knowserve / Generation", ["generation"])
          .with_variable(db.QueryVariable("model").label("Model").datasource(DS)
                         .query("label_values(knowserve_generation_weight_version, model)").refresh(
                             VariableRefresh.ON_TIME_RANGE_CHANGED).multi(True).include_all(True)))
-    return (d.annotation(swaps)
+    for a in swap_annotations(m):
+        d = d.annotation(a)
+    return (d
             .with_panel(ts("Tokens per second", "short",
                            (f"sum by (model, kind) (rate(knowserve_generation_tokens_total{{{m}}}[$__rate_interval]))",
                             "{{model}} {{kind}}")))

@@ -7,9 +7,9 @@ every settings class, client, CLI default, benchmark and test that needs them.
 
 from __future__ import annotations
 
-SERVICES: tuple[str, ...] = ("retrieval", "verification", "reward", "generation", "training")
-DEFAULT_PORTS: dict[str, int] = dict(zip(SERVICES, range(50051, 50056)))
-DEFAULT_METRICS_PORTS: dict[str, int] = dict(zip(SERVICES, range(9101, 9106)))
+SERVICES: tuple[str, ...] = ("retrieval", "verification", "reward", "generation", "training", "answer")
+DEFAULT_PORTS: dict[str, int] = dict(zip(SERVICES, range(50051, 50057)))
+DEFAULT_METRICS_PORTS: dict[str, int] = dict(zip(SERVICES, range(9101, 9107)))
 GENERATION_APP = "knowserve-generation"  # Serve application of the generation service (gRPC metadata `application`)
 LOCAL_HOST = "127.0.0.1"
 

@@ -21,6 +21,7 @@ Raw model output cannot fool it: the text is cut at the first end-of-sequence ma
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -28,11 +29,15 @@ from typing import Literal
 
 from services.common.text import (END_MARKERS, canonical_answer, is_refusal, normalize_answer, strip_end_markers,
                                   tagged_sections)
+from services.common.tools import strip_tool_blocks
 
 CORRECT, INCORRECT, NOT_ATTEMPTED, MISSING = "CORRECT", "INCORRECT", "NOT_ATTEMPTED", "MISSING"
 GRADES = (CORRECT, INCORRECT, NOT_ATTEMPTED, MISSING)
 ANSWER_FROM = ("answer_tag", "answer_tag_or_text")
 MATCHES = ("exact", "cover", "contains")
+_TAGS = re.compile(r"</?(think|answer)>")
+_QUESTION_WORDS = frozenset("what who whom whose where when which how why is are was were do does did can could in on "
+                            "at".split())
 
 
 def last_answer(completion: str) -> str | None:
@@ -70,6 +75,70 @@ def take_answer(completion: str, answer_from: str = "answer_tag",
     if "<answer>" in text:
         return text.rsplit("<answer>", 1)[1].strip()
     return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
+def claim_text(completion: str) -> str:
+    """What the model itself asserted: the completion without queries, inserted documents and tags.
+
+    >>> claim_text("<think><|begin_of_query|>q<|end_of_query|><|begin_of_documents|>(1) d<|end_of_documents|>"
+    ...            "X was born in Y.</think><answer>Y</answer>")
+    'X was born in Y. Y'
+    """
+    text = _TAGS.sub(" ", strip_tool_blocks(completion))
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def checkable_text(completion: str, answer: str) -> str:
+    """The text whose claims are checked: what the model asserted (:func:`claim_text`), or "" when that is only
+    the bare answer — a one-word answer written after a search states no checkable fact of its own, so it is left
+    out of the claim support rate rather than counted as an unsupported claim.
+
+    >>> searched = ("<think><|begin_of_query|> Ilvar Brenneck birthplace<|end_of_query|><|begin_of_documents|>(1) ..."
+    ...             "<|end_of_documents|></think><answer>Velmora</answer>")
+    >>> checkable_text(searched, "Velmora")
+    ''
+    >>> checkable_text("<think>X was born in Velmora.</think><answer>Velmora</answer>", "Velmora")
+    'X was born in Velmora. Velmora'
+    """
+    asserted = claim_text(completion)
+    return asserted if asserted and normalize_answer(asserted) != normalize_answer(answer) else ""
+
+
+def live_claim_text(question: str, completion: str) -> str:
+    """The text of a served completion whose claims live monitoring checks: what the model asserted
+    (:func:`claim_text`); an ``<answer>`` already stated in the reasoning is not repeated, and a bare short answer
+    (a name or a number, as a question's answer often is) is joined to its question as one sentence, so that it
+    states a checkable fact ("where was X born: Velmora."; claim extraction drops questions); "" for a refusal.
+
+    >>> live_claim_text("Where was Ilvar Brenneck born?", "<think><|begin_of_query|> q<|end_of_query|>"
+    ...                 "<|begin_of_documents|>(1) d<|end_of_documents|></think><answer>Velmora</answer>")
+    'where was Ilvar Brenneck born: Velmora.'
+    >>> live_claim_text("Where was X born?", "<think>X was born in Velmora.</think><answer>Velmora</answer>")
+    'X was born in Velmora.'
+    >>> live_claim_text("Where was X born?", "X was born in Velmora, a town in the north.")
+    'X was born in Velmora, a town in the north.'
+    >>> live_claim_text("Where was X born?", "I don't know.")
+    ''
+    """
+    text = strip_end_markers(completion)
+    answer = last_answer(strip_tool_blocks(text))
+    body = claim_text(re.sub(r"<answer>.*?</answer>", " ", text, flags=re.S) if answer is not None else text)
+    def with_question(short: str) -> str:  # the question word lowercased: it is no name to check
+        q = question.strip().rstrip("?").strip()
+        first = q.split(" ", 1)[0]
+        if first.lower() in _QUESTION_WORDS:
+            q = first.lower() + q[len(first):]
+        return f"{q}: {short.strip()}."
+
+    def bare(text: str) -> bool:
+        return len(text.split()) <= 4 and not text.rstrip().endswith((".", "!"))
+
+    if answer and normalize_answer(answer) not in normalize_answer(body):
+        body = f"{body} {with_question(answer) if bare(answer) else answer}"
+    elif answer is None and body and bare(body):
+        body = with_question(body)
+    body = body.strip()
+    return "" if not body or is_refusal(answer or body) else body
 
 
 def exact_match(prediction: str, golds: Sequence[str]) -> float:

@@ -27,14 +27,17 @@ class GenerationClient(ServiceClient[pb_grpc.GenerationServiceStub]):
     """``await GenerationClient("127.0.0.1:50054").generate(["What is the capital of France?"], max_tokens=32)``
 
     ``model`` names the served model every call uses unless a call names another ("" = the service's default).
+    ``internal`` marks every Generate as internal traffic (training rollouts, evaluations, judges): the service
+    never samples it for live hallucination monitoring, which watches what users are told.
     """
 
     def __init__(self, target: str, options: ClientOptions | None = None, app_name: str = GENERATION_APP,
-                 model: str = ""):
+                 model: str = "", internal: bool = False):
         options = options or ClientOptions()
         options.extra_metadata = tuple(options.extra_metadata) + (("application", app_name),)
         super().__init__("generation", target, pb_grpc.GenerationServiceStub, options)
         self.model = model
+        self.internal = internal
 
     def _model(self, model: str | None) -> str:
         return self.model if model is None else model
@@ -52,7 +55,7 @@ class GenerationClient(ServiceClient[pb_grpc.GenerationServiceStub]):
                                      return_logprobs=return_logprobs,
                                      tool_protocol=pb.ToolProtocol.Value(enum_name(tool_protocol)),
                                      max_tool_turns=max_tool_turns, retrieval_top_k=retrieval_top_k,
-                                     model=self._model(model))
+                                     model=self._model(model), internal=self.internal)
         return await self.call("Generate", request, timeout=timeout)
 
     async def generate_stream(self, prompt: str | Sequence[dict], *, temperature: float = 0.0, max_tokens: int = 0,
@@ -81,10 +84,16 @@ class GenerationClient(ServiceClient[pb_grpc.GenerationServiceStub]):
         return list((await self.call("ListModels", pb.ListModelsRequest())).models)
 
     async def update_weights(self, checkpoint_uri: str, version: int, timeout: float = 600.0,
-                             model: str | None = None) -> pb.UpdateWeightsResponse:
-        return await self.call("UpdateWeights", pb.UpdateWeightsRequest(
-            checkpoint_uri=checkpoint_uri, version=version, transport=pb.WEIGHT_TRANSPORT_DISK,
-            model=self._model(model)), timeout=timeout)
+                             model: str | None = None, gate: pb.HallucinationGate | None = None
+                             ) -> pb.UpdateWeightsResponse:
+        """Swap in ``checkpoint_uri`` as ``version``; with ``gate`` (``pb.HallucinationGate()`` takes the service's
+        defaults) the service rolls it back by itself if its live hallucination rate is worse than the previous
+        version's (follow it with :meth:`model_info`'s ``gate``)."""
+        request = pb.UpdateWeightsRequest(checkpoint_uri=checkpoint_uri, version=version,
+                                          transport=pb.WEIGHT_TRANSPORT_DISK, model=self._model(model))
+        if gate is not None:
+            request.gate.CopyFrom(gate)
+        return await self.call("UpdateWeights", request, timeout=timeout)
 
     async def rollback_weights(self, version: int, timeout: float = 600.0,
                                model: str | None = None) -> pb.RollbackWeightsResponse:

@@ -98,6 +98,19 @@ class GenerationSettings(ServiceSettings):
     checkpoint_root: Path = Field(Path(".knowserve/checkpoints"),
                                   description="UpdateWeights only loads checkpoints under this folder.")
     retrieval_target: str = Field(default_target("retrieval"), description="Retrieval service for tool protocols.")
+    answer_target: str = Field(default_target("answer"), description="Answer service: live monitoring of sampled "
+                               "traffic and the hallucination gate's figures; empty turns both off.")
+    live_sample_rate: float = Field(0.1, ge=0, le=1, description="Share of user Generate/GenerateStream/OpenAI "
+                                    "completions sent to the answer service for live verification (requests "
+                                    "marked internal, e.g. training rollouts, never are).")
+    live_max_in_flight: int = Field(64, ge=1, description="Samples being sent at once; more are dropped (counted).")
+    gate_min_answers: int = Field(50, ge=1, description="Default verified live answers a gate needs per version.")
+    gate_margin: float = Field(0.05, ge=0, le=1, description="Default: how much worse (absolute share of "
+                               "unsupported answers) a gated version may be before it is rolled back.")
+    gate_alpha: float = Field(0.05, gt=0, lt=1, description="Default significance level of the gate's test.")
+    gate_window_seconds: float = Field(1800.0, gt=0, description="Default time a gate waits for its answers "
+                                       "before it ends INCONCLUSIVE (keeping the new version).")
+    gate_poll_seconds: float = Field(2.0, gt=0, description="How often a pending gate reads the live figures.")
 
     replicas: int = Field(1, ge=1, description="Serve replicas of the generation deployment.")
     replica_num_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves per replica.")

@@ -26,3 +26,8 @@ WEIGHT_VERSION = Gauge("knowserve_generation_weight_version", "Weight version ea
                        ["model"], multiprocess_mode="liveall")
 SWAPS = Counter("knowserve_generation_swaps", "Weight swaps by model and result: ok, failed, rollback (a "
                 "RollbackWeights call), rolled_back (undone by the hallucination gate).", ["model", "result"])
+GATE_DECISIONS = Counter("knowserve_generation_gate_decisions", "Hallucination gates by model and decision: kept, "
+                         "rolled_back, inconclusive, superseded.", ["model", "decision"])
+LIVE_SAMPLES = Counter("knowserve_generation_live_samples", "User completions sampled for live verification, by "
+                       "result: queued (by the answer service), dropped (its queue or our in-flight limit was full), "
+                       "failed (it could not be reached).", ["model", "result"])

@@ -159,6 +159,7 @@ def with_openai_routes(ingress_cls):
                     stream = self._stream(handle, name, prompts[0], params, chat, record)
                     return StreamingResponse(stream, media_type="text/event-stream")
                 completions = await handle.generate.remote(prompts, params)
+                self.live.sample(name, prompts, completions)
             except Exception as e:  # noqa: BLE001 - OpenAI's error shape
                 record.code, _ = status_of(e)
                 record.finish()
@@ -190,12 +191,15 @@ def with_openai_routes(ingress_cls):
                 return {"id": rid, "object": kind, "created": created, "model": name, "choices": [choice]}
 
             try:
-                first = True
+                first, parts, version = True, [], 0
                 async for d in handle.options(stream=True).stream.remote(prompt, params):
+                    parts.append(d.text)
+                    version = d.weight_version or version
                     finish = _FINISH.get(d.finish_reason) if d.finish_reason else None
                     if d.text or finish or first:
                         yield _sse(chunk(d.text, finish, first))
                         first = False
+                self.live.sample_one(name, version, prompt, "".join(parts))
             except Exception as e:  # noqa: BLE001 - after the first byte the status is sent: an error event
                 record.code, message = status_of(e)
                 yield _sse(error_body(message, _HTTP.get(record.code.name, 500)))

@@ -8,6 +8,9 @@ handle (:class:`~services.generation.replica.ModelReplica`) or to the weight con
 :func:`~services.common.status.status_of` (Serve's proxy has no interceptor) and every call is counted and timed
 with the shared :class:`~services.common.status.CallRecord`. The OpenAI-compatible HTTP routes
 (:mod:`.openai_api`) are mounted on the same ingress.
+
+User completions (requests not marked ``internal``) are sampled for live hallucination monitoring
+(:mod:`.live`) after they are answered; a swap that asks for a hallucination gate is watched by :mod:`.gate`.
 """
 
 from __future__ import annotations
@@ -67,6 +70,26 @@ def completion_to_proto(c) -> pb.Completion:
         weight_version=c.weight_version, tool_turns=c.tool_turns, prompt_token_ids=c.prompt_token_ids)
 
 
+_GATE_STATES = {"pending": pb.GATE_STATE_PENDING, "kept": pb.GATE_STATE_KEPT, "rolled_back": pb.GATE_STATE_ROLLED_BACK,
+                "inconclusive": pb.GATE_STATE_INCONCLUSIVE, "superseded": pb.GATE_STATE_SUPERSEDED}
+
+
+def _timestamp(seconds: float) -> Timestamp:
+    t = Timestamp()
+    t.FromNanoseconds(int(seconds * 1e9))
+    return t
+
+
+def gate_to_proto(g) -> pb.GateStatus:
+    out = pb.GateStatus(state=_GATE_STATES[g.state], version=g.version, previous_version=g.previous_version,
+                        answers=g.answers, unsupported_answers=g.unsupported, previous_answers=g.previous_answers,
+                        previous_unsupported_answers=g.previous_unsupported, p_value=g.p_value, message=g.message,
+                        start_time=_timestamp(g.start_time))
+    if g.decide_time:
+        out.decide_time.CopyFrom(_timestamp(g.decide_time))
+    return out
+
+
 def state_to_proto(st, replicas: int, max_tokens_limit: int, default: bool) -> pb.GetModelInfoResponse:
     kept = []
     for k in st.kept:
@@ -94,7 +117,13 @@ class GenerationIngress:
         self.models = models  # name -> deployment handle, in the configured order
         self.default_model = s.resolved_default_model()
         self.replicas = {m_.name: m_.replicas for m_ in s.resolved_models()}
-        self.controller = WeightController(s, models, on_swap=lambda model, r: m.SWAPS.labels(model, r).inc())
+        from services.generation.live import LiveSampler
+
+        self.live = LiveSampler(s.answer_target, s.live_sample_rate, s.live_max_in_flight)
+        self.controller = WeightController(
+            s, models, on_swap=lambda model, r: m.SWAPS.labels(model, r).inc(),
+            stats=self.live.stats if self.live.enabled else None,
+            on_gate=lambda g: m.GATE_DECISIONS.labels(g.model, g.state).inc())
         self._ready: set[str] = set()  # models that have answered (health)
 
     # -- shared
@@ -124,7 +153,10 @@ class GenerationIngress:
     async def model_info(self, model: str) -> pb.GetModelInfoResponse:
         name, handle = self.resolve(model)
         st = await handle.state.remote()
-        return state_to_proto(st, self.replicas[name], self.settings.max_tokens_limit, name == self.default_model)
+        info = state_to_proto(st, self.replicas[name], self.settings.max_tokens_limit, name == self.default_model)
+        if name in self.controller.gates:
+            info.gate.CopyFrom(gate_to_proto(self.controller.gates[name]))
+        return info
 
     # -- RPCs
     async def Generate(self, request: pb.GenerateRequest, grpc_context=None) -> pb.GenerateResponse:
@@ -139,11 +171,12 @@ class GenerationIngress:
                 completions = await handle.generate.remote(prompts, params)
             except Exception as e:  # noqa: BLE001 - mapped to a status code
                 return self._fail(grpc_context, e, pb.GenerateResponse(), record)
+        self.live.sample(name, prompts, completions, internal=request.internal)
         usage = pb.Usage(prompt_tokens=sum(len(c.prompt_token_ids) for c in completions),
                          completion_tokens=sum(c.completion_tokens for c in completions),
                          tool_tokens=sum(c.tool_tokens for c in completions))
         return pb.GenerateResponse(completions=[completion_to_proto(c) for c in completions], usage=usage,
-                                   weight_version=completions[0].weight_version if completions else 0)
+                                   weight_version=completions[0].weight_version if completions else 0, model=name)
 
     async def GenerateStream(self, request: pb.GenerateStreamRequest, grpc_context=None):
         """Token deltas of one sample as they are produced (no tool protocol on the stream)."""
@@ -153,12 +186,16 @@ class GenerationIngress:
                 name, handle = self.resolve(request.model)
                 prompt = prompts_from_proto([request.prompt])[0]
                 params = params_from_proto(request.sampling, request.return_logprobs)
+                parts, version = [], 0
                 async for delta in handle.options(stream=True).stream.remote(prompt, params):
+                    parts.append(delta.text)
+                    version = delta.weight_version or version
                     yield pb.GenerateStreamResponse(
                         text_delta=delta.text, token_ids=delta.token_ids, logprobs=delta.logprobs,
                         finish_reason=_FINISH.get(delta.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
-                        weight_version=delta.weight_version,
+                        weight_version=delta.weight_version, model=name,
                         usage=pb.Usage(prompt_tokens=delta.prompt_tokens, completion_tokens=delta.completion_tokens))
+                self.live.sample_one(name, version, prompt, "".join(parts))
             except Exception as e:  # noqa: BLE001
                 self._fail(grpc_context, e, None, record)
 
@@ -188,11 +225,23 @@ class GenerationIngress:
                     raise FailedPrecondition("WEIGHT_TRANSPORT_COLLECTIVE pushes tensors to vLLM GPU workers over "
                                              "NCCL (collective_rpc), which needs a collective group between the "
                                              "trainer and the workers: use DISK")
-                r = await self.controller.update(name, request.checkpoint_uri, request.version)
+                gate = None
+                if request.HasField("gate"):
+                    g = request.gate
+                    try:
+                        gate = self.controller.gate_spec(g.min_answers, g.margin if g.HasField("margin") else None,
+                                                         g.alpha, g.window_seconds)
+                    except ValueError as e:  # "gate.<field> must be ..."
+                        field, _, problem = str(e).partition(" ")
+                        raise InvalidArgument(field, problem) from None
+                r = await self.controller.update(name, request.checkpoint_uri, request.version, gate)
             except Exception as e:  # noqa: BLE001
                 return self._fail(grpc_context, e, pb.UpdateWeightsResponse(), record)
-        return pb.UpdateWeightsResponse(version=r.version, previous_version=r.previous_version,
-                                        replicas_updated=r.replicas, swap_seconds=r.seconds)
+        reply = pb.UpdateWeightsResponse(version=r.version, previous_version=r.previous_version,
+                                         replicas_updated=r.replicas, swap_seconds=r.seconds)
+        if r.gate is not None:
+            reply.gate.CopyFrom(gate_to_proto(r.gate))
+        return reply
 
     async def RollbackWeights(self, request: pb.RollbackWeightsRequest,
                               grpc_context=None) -> pb.RollbackWeightsResponse:

@@ -97,7 +97,7 @@ class RewardApp(ServiceApp):
 
             self.generation = GenerationClient(s.generation_target, ClientOptions(
                 timeout_seconds=s.generation_timeout_seconds, retries=s.generation_retries), s.generation_app_name,
-                model=s.generation_model)
+                model=s.generation_model, internal=True)
             llm_generate = self.generation.greedy
 
         self.core = RewardCore(s, recipes, factuality, llm_generate)

@@ -47,6 +47,12 @@ def options_to_proto(cfg: "RunConfig") -> pb.RunOptions:
                             generation_model=cfg.generation_model)
     if cfg.tool_protocol != "default":
         options.tool_protocol = cfg.tool_protocol
+    if cfg.publish_gate is not None:
+        g = cfg.publish_gate
+        options.publish_gate.CopyFrom(pb.PublishGate(min_answers=g.min_answers, alpha=g.alpha,
+                                                     window_seconds=g.window_seconds))
+        if g.margin is not None:
+            options.publish_gate.margin = g.margin
     return options
 
 
@@ -60,4 +66,8 @@ def options_from_proto(o: pb.RunOptions) -> dict:
             out[name] = getattr(o, name)
     if o.prompt_format:
         out["prompt_format"] = o.prompt_format
+    if o.HasField("publish_gate"):
+        g = o.publish_gate
+        out["publish_gate"] = {"min_answers": g.min_answers, "alpha": g.alpha, "window_seconds": g.window_seconds,
+                               "margin": g.margin if g.HasField("margin") else None}
     return out

@@ -44,7 +44,7 @@ def progress_to_proto(run_id: str, r: ProgressRecord, st: RunState) -> pb.Stream
         state=STATES.get(st.state, pb.RUN_STATE_UNSPECIFIED), step_seconds=r.step_seconds, message=r.message,
         algorithm=r.algorithm, loss=r.loss, reward_std=r.reward_std, frac_reward_zero_std=r.frac_reward_zero_std,
         logprob_abs_diff_mean=r.logprob_abs_diff_mean, importance_ratio_min=r.importance_ratio_min,
-        importance_ratio_max=r.importance_ratio_max, metrics=r.metrics)
+        importance_ratio_max=r.importance_ratio_max, metrics=r.metrics, events=r.events)
 
 
 class TrainingServicer(pb_grpc.TrainingServiceServicer):

@@ -103,7 +103,7 @@ def test_security_env_and_probes(rendered):
                 assert e["name"].startswith(("KNOWSERVE_", "HF_", "MPLCONFIGDIR", "RAY_", "TRL_")), e["name"]
                 assert "value" not in e or "password" not in e["name"].lower(), "secrets come from secretKeyRef"
         if d["kind"] == "Deployment" and d["metadata"]["labels"]["app.kubernetes.io/component"] in (
-                "retrieval", "verification", "reward", "training"):
+                "retrieval", "verification", "reward", "answer", "training"):
             c = spec["containers"][0]
             port = next(p["containerPort"] for p in c["ports"] if p["name"] == "grpc")
             assert c["readinessProbe"]["grpc"]["port"] == port and c["livenessProbe"]["grpc"]["port"] == port
@@ -163,7 +163,7 @@ def test_rayservice_serve_config_imports_the_app_builder():
     env = {e["name"]: e["value"] for e in head["env"]}
     assert env["KNOWSERVE_GENERATION_DASHBOARD_HOST"].endswith("-head-svc")
     monitors = [d for d in docs if d["kind"] == "ServiceMonitor"]
-    assert len(monitors) == 5 and all(m["spec"]["endpoints"][0]["port"] == "metrics" for m in monitors)
+    assert len(monitors) == 6 and all(m["spec"]["endpoints"][0]["port"] == "metrics" for m in monitors)
 
 
 def test_dashboards_ship_as_labelled_configmaps_and_are_current():

@@ -25,6 +25,8 @@ MUST_HAVE_DATA = {
     "Hallucination rate by recipe", "Refusal rate by recipe", "Claim support ratio by judge",
     "Claims judged per second by verdict", "Hallucinated share of answers by benchmark and version",
     "Requests per second", "Duration p50", "Hallucination rate (rollouts, 10m)", "Claim support ratio (10m)",
+    "Live unsupported answers by model and version", "Live refuted claims by model and version",
+    "Live answers by outcome",
 }
 
 
@@ -59,7 +61,7 @@ def grafana_to_promql(expr: str) -> str:
 
 
 async def test_every_dashboard_and_rule_expression_runs_on_real_prometheus(
-        serve_generation, start_retrieval, start_verification, starter, tmp_path):
+        serve_generation, answer_port, start_retrieval, start_verification, starter, tmp_path):
     from services.training.client import TrainingClient
     from services.training.config import TrainingSettings
     from services.training.server import TrainingApp
@@ -74,9 +76,18 @@ async def test_every_dashboard_and_rule_expression_runs_on_real_prometheus(
     settings = TrainingSettings(port=0, metrics_port=0, runs_dir=tmp_path / "runs", eval_dir=tmp_path / "eval",
                                 generation_target=gen_target, generation_app_name=SERVE_APP)
     training = await starter.start(InProcessService(settings, TrainingApp(settings), TrainingClient))
+    from services.answer.client import AnswerClient
+    from services.answer.config import AnswerSettings
+    from services.answer.server import AnswerApp
+    from services.generation.client import GenerationClient
+
+    answer_settings = AnswerSettings(port=answer_port, metrics_port=0, retrieval_target=retrieval.server.address,
+                                     verification_target=verification.server.address, generation_target=gen_target,
+                                     generation_app_name=SERVE_APP, upstream_retries=0)
+    answer = await starter.start(InProcessService(answer_settings, AnswerApp(answer_settings), AnswerClient))
     targets = {"retrieval": retrieval.server.metrics_port, "verification": verification.server.metrics_port,
                "reward": reward.server.metrics_port, "training": training.server.metrics_port,
-               "generation": gen_metrics}
+               "generation": gen_metrics, "answer": answer.server.metrics_port}
     prom = await asyncio.to_thread(LocalPrometheus(tmp_path / "prometheus", free_port()).start, targets, "1s",
                                    tool("prometheus"))
     async def data(expr: str) -> list:
@@ -109,9 +120,15 @@ async def test_every_dashboard_and_rule_expression_runs_on_real_prometheus(
         items = [ScoreItem("What is the capital of France?", f"<think>{t}</think><answer>{a}</answer>", ["Paris"])
                  for t, a in (("Paris is the capital of France.", "Paris"), ("Lyon is the capital of France.",
                               "Lyon"), ("I am not sure.", "I don't know"))]
-        for _ in range(3):
-            await reward.client.score("knowrl", items)
-            await asyncio.sleep(1.5)
+        async with GenerationClient(gen_target, app_name=SERVE_APP) as gen:
+            for _ in range(3):
+                await reward.client.score("knowrl", items)
+                # live traffic: a user Generate (sampled to the answer service by generation), and served answers
+                # the answer service verifies: one supported, one refuted
+                await gen.generate(["The capital of France is"], max_tokens=8)
+                for text in ("Paris is the capital of France.", "Mount Everest is 4,000 metres high."):
+                    await answer.client.observe("dashboard-test", 1, "", text)
+                await asyncio.sleep(1.5)
         rows = tmp_path / "qa.jsonl"
         rows.write_text("".join(json.dumps({"question": q, "gold_answers": [a]}) + "\n" for q, a in
                                 (("What is the capital of France?", "Paris"), ("Where is Tokyo?", "Japan"))))
@@ -121,6 +138,8 @@ async def test_every_dashboard_and_rule_expression_runs_on_real_prometheus(
 
         async def ready():
             return (finite(await data("knowserve:reward_hallucination_rate:ratio_rate10m"))
+                    and finite(await data("knowserve:live_unsupported_answers:ratio_rate10m"))
+                    and finite(await data("knowserve:live_hallucination_rate:ratio_rate10m"))
                     and finite(await data("knowserve_eval_answers_ratio"))
                     and finite(await data("knowserve:verification_support_ratio:mean_rate10m")))
 
@@ -133,5 +152,9 @@ async def test_every_dashboard_and_rule_expression_runs_on_real_prometheus(
         assert not empty, "hallucination panels without data:\n" + "\n".join(empty)
         rate = await data('knowserve:reward_hallucination_rate:ratio_rate10m{recipe="knowrl"}')
         assert float(rate[0]["value"][1]) == pytest.approx(0.5)  # 1 wrong of 2 attempted, the refusal excluded
+        live = await data('knowserve:live_hallucination_rate:ratio_rate10m{model="dashboard-test",weight_version="1"}')
+        assert float(live[0]["value"][1]) == pytest.approx(0.5)  # Everest's height refuted, Paris supported
+        samples = await data('sum(knowserve_generation_live_samples_total{model="tiny",result="queued"})')
+        assert samples and float(samples[0]["value"][1]) >= 1  # generation sampled the user Generate calls
     finally:
         await asyncio.to_thread(prom.stop)

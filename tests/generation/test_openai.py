@@ -23,7 +23,7 @@ async def test_openai_client_against_the_http_endpoint(serve_generation_app):
 
     def calls():
         models = [m.id for m in client.models.list()]
-        assert models == ["tiny", "second"]
+        assert models == ["tiny", "second", "gated"]
         done = client.completions.create(model="tiny", prompt="Paris is", max_tokens=4, temperature=0)
         assert done.object == "text_completion" and done.model == "tiny"
         assert done.choices[0].finish_reason in ("stop", "length") and done.usage.completion_tokens >= 1

@@ -121,7 +121,8 @@ async def test_named_models_are_isolated_and_roll_back_to_kept_versions(serve_ge
     root = app.root
     async with GenerationClient(app.target, app_name=SERVE_APP, model="second") as gen:
         models = {m.model: m for m in await gen.list_models()}
-        assert list(models) == ["tiny", "second"] and models["tiny"].is_default and not models["second"].is_default
+        assert list(models) == ["tiny", "second", "gated"] and models["tiny"].is_default
+        assert not models["second"].is_default
         tiny_before, second = models["tiny"], models["second"]
         assert second.model_name == "tiny-llama-h128-l2-s0" and second.replicas == 1
         start = second.weight_version

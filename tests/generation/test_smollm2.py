@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 
 import pytest
 
@@ -17,7 +16,6 @@ from knowserve.generation.v1 import generation_service_pb2 as gpb
 from knowserve.reward.v1 import reward_service_pb2 as rpb
 from services.generation.client import GenerationClient
 from services.reward.core import ScoreItem
-from tests.conftest import ROOT, GenerationApp
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -27,18 +25,6 @@ SYSTEM = "Answer the question with a short phrase, without explanation. If you d
 KNOWN = [("What is the capital of France?", ["Paris"]), ("What is the capital of Japan?", ["Tokyo"]),
          ("What is the chemical symbol for gold?", ["Au"]), ("Which planet is known as the Red Planet?", ["Mars"]),
          ("How many legs does a spider have?", ["8", "eight"])]
-
-
-@pytest.fixture(scope="module")
-def smollm2_app(tmp_path_factory):
-    from services.common.models import smollm2_folder
-
-    root = tmp_path_factory.mktemp("smollm2")
-    shutil.copytree(smollm2_folder(ROOT / ".cache/models"), root / "smollm2")
-    app = GenerationApp(root, root / "smollm2", app_name="knowserve-smollm2-test", replicas=1,
-                        replica_num_cpus=1, max_tokens_limit=64, default_max_tokens=32).start()
-    yield app
-    app.stop()
 
 
 async def test_smollm2_text_ends_without_the_end_marker_and_is_graded_right(smollm2_app, start_reward, tmp_path):

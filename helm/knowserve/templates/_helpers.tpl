@@ -184,6 +184,12 @@ Environment of the generation pods. Call with (dict "root" $ "component" ...).
   value: /tmp/generation-metrics
 - name: KNOWSERVE_GENERATION_RETRIEVAL_TARGET
   value: {{ include "knowserve.target" (dict "root" .root "component" "retrieval") | quote }}
+- name: KNOWSERVE_GENERATION_ANSWER_TARGET
+  value: {{ ternary (include "knowserve.target" (dict "root" .root "component" "answer")) "" .root.Values.answer.enabled | quote }}
+- name: KNOWSERVE_GENERATION_LIVE_SAMPLE_RATE
+  value: {{ $g.live.sampleRate | quote }}
+- name: KNOWSERVE_GENERATION_GATE_MIN_ANSWERS
+  value: {{ $g.live.gateMinAnswers | quote }}
 - name: RAY_USAGE_STATS_ENABLED
   value: "0"
 {{- if eq $g.mode "kuberay" }}

@@ -1,0 +1,1 @@
+"""The answer service: grounded answers with citations, and the live hallucination monitor of served traffic."""
