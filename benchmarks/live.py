@@ -79,7 +79,7 @@ async def run(args) -> dict:
     from services.verification.client import VerificationClient
     from services.verification.config import VerificationSettings
     from services.verification.server import VerificationApp
-    from tests.conftest import GenerationApp, InProcessService, Running, free_port
+    from tests.conftest import GenerationApp, InProcessService, Running, reserved_port
 
     work = Path(tempfile.mkdtemp(prefix="knowserve-live-bench-"))
     retrieval = await Running(RetrievalSettings(port=0, metrics_port=0, data_dir=work / "index", dense=False,
@@ -97,7 +97,7 @@ async def run(args) -> dict:
     vs = VerificationSettings(port=0, metrics_port=0, retrieval_target=retrieval.server.address,
                               nli_model_path=Path("/nonexistent"), generation_target="")
     verification = await InProcessService(vs, VerificationApp(vs), VerificationClient).start()
-    answer_port = free_port()
+    answer_port = reserved_port()
     shutil.copytree(smollm2_folder(ROOT / ".cache/models"), work / "smollm2")
     app = GenerationApp(work, work / "smollm2", app_name=APP, replicas=1, replica_num_cpus=1, max_tokens_limit=128,
                         default_max_tokens=32, answer_target=f"127.0.0.1:{answer_port}", live_sample_rate=0.1,

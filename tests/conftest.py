@@ -43,9 +43,34 @@ def tool(name: str) -> str:
 
 
 def free_port() -> int:
+    """A port free now, for a server bound right away (it is in the kernel's ephemeral range, so any socket bound
+    to port 0 later may take it: a port bound minutes later must come from :func:`reserved_port`)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def reserved_port() -> int:
+    """A free port for a server started later in the session (the generation app's retrieval and answer targets):
+    drawn between Ray's worker ports (10002-19999) and the kernel's ephemeral range (32768+), where no port-0 bind,
+    outgoing connection or Ray process lands, so it is still free when the test binds it. Random, so that two test
+    sessions on one machine do not pick the same one."""
+    import random
+
+    low, high = 20000, 32767
+    try:
+        low_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+        high = min(high, low_ephemeral - 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    for port in random.sample(range(low, high + 1), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    return free_port()
 
 
 @pytest.fixture(scope="session")
@@ -204,14 +229,14 @@ async def run_tool(*args: str, input: str | None = None) -> subprocess.Completed
 def answer_port():
     """The port the session's generation app sends live samples to and reads gate figures from; a test that
     needs live monitoring starts an answer service there."""
-    return free_port()
+    return reserved_port()
 
 
 @pytest.fixture(scope="session")
 def generation_retrieval_port():
     """The port the session's generation app sends tool-protocol searches to; a test that needs retrieval inside
     generation starts a retrieval service there."""
-    return free_port()
+    return reserved_port()
 
 
 class GenerationApp:
@@ -260,13 +285,19 @@ class GenerationApp:
     def stop(self) -> None:
         if self.proc is None:
             return
+        # SIGTERM to the launcher only: it shuts Serve and its own Ray head down in order (signalling the whole
+        # group would kill the Ray head under it first, and serve.shutdown() then waits for a GCS that is gone);
+        # then whatever is left of our own process group is killed.
         try:
-            os.killpg(self.proc.pid, signal.SIGTERM)  # our own process group only
+            self.proc.send_signal(signal.SIGTERM)
             self.proc.wait(60)
-        except ProcessLookupError:  # it exited on its own (a failed start)
-            pass
         except subprocess.TimeoutExpired:
+            pass
+        try:
             os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
         self.proc = None
 
 

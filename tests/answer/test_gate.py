@@ -52,8 +52,10 @@ async def test_a_worse_version_is_rolled_back_by_the_gate_and_a_better_one_is_ke
     app = serve_generation_app
     root = app.root
     good, bad = root / "gate-good", root / "gate-bad"
-    await asyncio.gather(asyncio.to_thread(teach_birthplaces, root / "v1", good, 0),
-                         asyncio.to_thread(teach_birthplaces, root / "v1", bad, 3))
+    # one after the other: transformers' from_pretrained is not thread-safe (two loads at once in threads can leave
+    # one model's parameters on the meta device)
+    await asyncio.to_thread(teach_birthplaces, root / "v1", good, 0)
+    await asyncio.to_thread(teach_birthplaces, root / "v1", bad, 3)
     retrieval = await start_retrieval(dense=False, default_mode="bm25")
     await retrieval.client.upsert(PEOPLE_DOCS)
     verification = await start_verification(retrieval_target=retrieval.server.address)

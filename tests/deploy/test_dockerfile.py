@@ -81,8 +81,10 @@ def test_lock_file_pins_what_the_tests_ran_with():
     pins = dict(line.split("==", 1) for line in lock if "==" in line)
     import grpc
     import ray
+    import transformers
     import trl
 
     assert pins["grpcio"] == grpc.__version__ and pins["ray"] == ray.__version__ and pins["trl"] == trl.__version__
+    assert pins["transformers"] == transformers.__version__  # 5.24.0 broke tied weights: the image must not drift
     assert "torch" not in pins  # torch comes from the CPU or CUDA index, per image
     assert all("==" in line for line in lock if line and not line.startswith("#"))

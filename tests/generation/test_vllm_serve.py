@@ -19,7 +19,7 @@ import pytest
 from knowserve.generation.v1 import generation_service_pb2 as pb
 from services.generation.client import GenerationClient
 from services.retrieval.core import Document
-from tests.conftest import ROOT, GenerationApp, free_port
+from tests.conftest import ROOT, GenerationApp, reserved_port
 from tests.generation.conftest import teach
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
@@ -47,7 +47,7 @@ def vllm_app(tmp_path_factory):
     inserted = TOOL_PROTOCOLS["r1_searcher"].format_documents([P()])
     teach(tiny_lm_folder(ROOT / ".cache/models", hidden=128, heads=2),
           [PROMPT + QUERY + inserted + "<answer>Paris</answer><|im_end|>"], root / "searcher", 200)
-    retrieval_port = free_port()
+    retrieval_port = reserved_port()
     app = GenerationApp(root, None, app_name=APP, python=str(VLLM_PY), max_tokens_limit=64, default_max_tokens=16,
                         vllm_kv_cache_gib=0.5, retrieval_target=f"127.0.0.1:{retrieval_port}", models=[
                             {"name": "smollm2", "path": str(root / "smollm2"), "engine": "vllm", "replicas": 1,
