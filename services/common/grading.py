@@ -107,12 +107,19 @@ def checkable_text(completion: str, answer: str) -> str:
 def live_claim_text(question: str, completion: str) -> str:
     """The text of a served completion whose claims live monitoring checks: what the model asserted
     (:func:`claim_text`); an ``<answer>`` already stated in the reasoning is not repeated, and a bare short answer
-    (a name or a number, as a question's answer often is) is joined to its question as one sentence, so that it
-    states a checkable fact ("where was X born: Velmora."; claim extraction drops questions); "" for a refusal.
+    (a name, a word or a number, as a question's answer often is) is joined to what the question is about, so that
+    it states a checkable fact: the question's names when it has some ("Ilvar Brenneck: Velmora." — checked as
+    "the answer stands in a passage about them"; the question's own words — "which", "instrument", "for a living" —
+    would count as unsupported words and drown the one word that matters), else the question itself ("what is the
+    largest planet: Jupiter."; claim extraction drops questions); "" for a refusal.
 
     >>> live_claim_text("Where was Ilvar Brenneck born?", "<think><|begin_of_query|> q<|end_of_query|>"
     ...                 "<|begin_of_documents|>(1) d<|end_of_documents|></think><answer>Velmora</answer>")
-    'where was Ilvar Brenneck born: Velmora.'
+    'Ilvar Brenneck: Velmora.'
+    >>> live_claim_text("Which instrument does Lerus Peinar play?", "<answer>dulcimer</answer>")
+    'Lerus Peinar: dulcimer.'
+    >>> live_claim_text("What is the largest planet?", "Jupiter")
+    'what is the largest planet: Jupiter.'
     >>> live_claim_text("Where was X born?", "<think>X was born in Velmora.</think><answer>Velmora</answer>")
     'X was born in Velmora.'
     >>> live_claim_text("Where was X born?", "X was born in Velmora, a town in the north.")
@@ -123,10 +130,14 @@ def live_claim_text(question: str, completion: str) -> str:
     text = strip_end_markers(completion)
     answer = last_answer(strip_tool_blocks(text))
     body = claim_text(re.sub(r"<answer>.*?</answer>", " ", text, flags=re.S) if answer is not None else text)
-    def with_question(short: str) -> str:  # the question word lowercased: it is no name to check
+    def with_question(short: str) -> str:
         q = question.strip().rstrip("?").strip()
-        first = q.split(" ", 1)[0]
-        if first.lower() in _QUESTION_WORDS:
+        words = q.split()
+        names = [w.strip(",;:\"'()") for w in words[1:] if w[:1].isupper() or w[:1].isdigit()]
+        if any(n for n in names):
+            return f"{' '.join(n for n in names if n)}: {short.strip()}."
+        first = words[0] if words else ""
+        if first.lower() in _QUESTION_WORDS:  # the question word lowercased: it is no name to check
             q = first.lower() + q[len(first):]
         return f"{q}: {short.strip()}."
 

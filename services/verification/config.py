@@ -42,7 +42,10 @@ class VerificationSettings(ServiceSettings):
     )
     nli_device: str = Field("cpu", description="torch device of the nli judge: cpu, cuda, auto.")
     nli_min_confidence: float = Field(0.5, ge=0, le=1, description="Least probability of a decisive nli label.")
-    lexical_support_overlap: float = Field(0.7, gt=0, le=1)
+    lexical_support_overlap: float = Field(
+        0.8, gt=0, le=1, description="Share of a claim's content words a passage must hold (names and numbers: all). "
+        "0.8: a claim of 4 or fewer content words needs every one (at 0.7, 'X works as a cooper' was SUPPORTED by "
+        "'X works as a cartographer').")
     lexical_topic_overlap: float = Field(0.5, gt=0, le=1)
     default_evidence_top_k: int = Field(3, ge=1, description="Passages retrieved per claim.")
     max_evidence_top_k: int = Field(20, ge=1)

@@ -100,7 +100,7 @@ class LexicalJudge:
     description = ("Names, numbers and content words of the claim against each passage (no model). Fast; strong "
                    "on short factual claims, blind to paraphrase and negation.")
 
-    def __init__(self, support_overlap: float = 0.7, topic_overlap: float = 0.5, window: int = 4):
+    def __init__(self, support_overlap: float = 0.8, topic_overlap: float = 0.5, window: int = 4):
         self.support_overlap = support_overlap
         self.topic_overlap = topic_overlap
         self.window = window

@@ -66,7 +66,9 @@ async def test_sampled_traffic_is_verified_off_the_request_path_and_counted_per_
     model = "live-test-model"
     samples = [("Where was Orla Veynd born?", "Orla Veynd was born in Marrowick."),  # supported
                ("Where was Orla Veynd born?", "Orla Veynd was born in Saltgrove."),  # refuted
-               ("Where was Tamsin Quarrel born?", "<think>I recall it.</think><answer>Ashcombe</answer>"),  # refuted
+               # a bare answer is checked as "Tamsin Quarrel: Ashcombe." (the question's names and the answer): not
+               # in a passage about her, so unsupported, but with no relation word left to refute it by: NOT_ENOUGH_INFO
+               ("Where was Tamsin Quarrel born?", "<think>I recall it.</think><answer>Ashcombe</answer>"),
                ("Where was Tamsin Quarrel born?", "I don't know."),  # declined: not counted as an answer
                ("Where was Bram Ostrova born?", "Kestrelmoor")]  # a bare answer, checked after its question
     for question, completion in samples:
@@ -81,10 +83,10 @@ async def test_sampled_traffic_is_verified_off_the_request_path_and_counted_per_
         await asyncio.sleep(0.1)
     stats = await answer.client.live_stats(model, 3)
     assert (stats.answers, stats.unsupported_answers) == (4, 2), stats
-    assert stats.refuted_claims == 2 and stats.claims >= 4
+    assert stats.refuted_claims == 1 and stats.claims >= 4
     assert sample_value("knowserve_live_answers_total", model=model, weight_version="3", outcome="declined") == 1
     assert sample_value("knowserve_live_unsupported_answers_total", model=model, weight_version="3") == 2
-    assert sample_value("knowserve_live_claims_total", model=model, weight_version="3", verdict="refuted") == 2
+    assert sample_value("knowserve_live_claims_total", model=model, weight_version="3", verdict="refuted") == 1
     assert (await answer.client.live_stats(model, 3, last=1)).answers == 1
     assert (await answer.client.live_stats(model, 99)).answers == 0
 
