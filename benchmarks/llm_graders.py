@@ -25,13 +25,14 @@ sys.path.insert(0, str(ROOT))
 
 async def judge_pairs(target: str, model: str, pairs: int) -> dict:
     from benchmarks.verification import halueval_items
+    from services.common.clients import ClientOptions
     from services.generation.client import GenerationClient
     from services.verification.judges import LexicalJudge
     from services.verification.llm import LlmJudge
 
     items, _ = halueval_items(pairs, 1)
     out = {"items": len(items), "majority_class": 0.5}
-    async with GenerationClient(target, model=model) as gen:
+    async with GenerationClient(target, ClientOptions(timeout_seconds=600), model=model, internal=True) as gen:
         llm = LlmJudge(gen.greedy)
         start = time.perf_counter()
         verdicts = []
@@ -50,6 +51,7 @@ async def judge_pairs(target: str, model: str, pairs: int) -> dict:
 
 async def grade_pairs(target: str, model: str, pairs: int, seed: int) -> dict:
     from services.common.grading import CORRECT, INCORRECT, GradeOptions, grade
+    from services.common.clients import ClientOptions
     from services.generation.client import GenerationClient
     from services.reward.grader import grade_with_llm
     from training.data import load_dataset
@@ -59,7 +61,7 @@ async def grade_pairs(target: str, model: str, pairs: int, seed: int) -> dict:
     rows = rows[:pairs]
     cases = [(r.question, [r.gold_answers[0]], r.gold_answers[1], CORRECT) for r in rows]
     cases += [(r.question, [r.gold_answers[0]], r.false_answers[0], INCORRECT) for r in rows]
-    async with GenerationClient(target, model=model) as gen:
+    async with GenerationClient(target, ClientOptions(timeout_seconds=600), model=model, internal=True) as gen:
         graded = []
         for i in range(0, len(cases), 32):
             chunk = cases[i: i + 32]
