@@ -285,7 +285,9 @@ def main() -> None:
                               "--threads", str(args.threads)], cwd=ROOT, env=env, capture_output=True, text=True)
         if out.returncode:
             raise SystemExit(f"in-process {engine} failed:\n{out.stderr[-3000:]}")
-        in_proc[engine] = {int(k): v for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
+        # vLLM logs its shutdown to stdout after the result: take the last JSON line
+        result = next(line for line in reversed(out.stdout.splitlines()) if line.lstrip().startswith("{"))
+        in_proc[engine] = {int(k): v for k, v in json.loads(result).items()}
         print(f"in-process {engine}: " + ", ".join(f"{c} clients {v:.1f} tok/s" for c, v in in_proc[engine].items()),
               flush=True)
 
