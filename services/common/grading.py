@@ -104,6 +104,24 @@ def checkable_text(completion: str, answer: str) -> str:
     return asserted if asserted and normalize_answer(asserted) != normalize_answer(answer) else ""
 
 
+_LABEL = re.compile(r"^\s*(?:question|q|user|human|input)\s*:\s*", re.I)
+
+
+def question_line(text: str) -> str:
+    """The question in a text prompt: its last line with a question mark, up to it, without a "Question:" label (a
+    completion template such as "Question: ...?" then "Answer: <think>" is not part of the question); else the text.
+
+    >>> question_line("Question: Where was Ilvar Brenneck born?\\nAnswer: <think>")
+    'Where was Ilvar Brenneck born?'
+    >>> question_line("Why is the sky blue?")
+    'Why is the sky blue?'
+    """
+    end = text.rfind("?")
+    if end < 0:
+        return text
+    return _LABEL.sub("", text[text.rfind("\n", 0, end) + 1: end + 1])
+
+
 def live_claim_text(question: str, completion: str) -> str:
     """The text of a served completion whose claims live monitoring checks: what the model asserted
     (:func:`claim_text`); an ``<answer>`` already stated in the reasoning is not repeated, and a bare short answer
@@ -131,7 +149,7 @@ def live_claim_text(question: str, completion: str) -> str:
     answer = last_answer(strip_tool_blocks(text))
     body = claim_text(re.sub(r"<answer>.*?</answer>", " ", text, flags=re.S) if answer is not None else text)
     def with_question(short: str) -> str:
-        q = question.strip().rstrip("?").strip()
+        q = question_line(question).strip().rstrip("?").strip()
         words = q.split()
         names = [w.strip(",;:\"'()") for w in words[1:] if w[:1].isupper() or w[:1].isdigit()]
         if any(n for n in names):

@@ -14,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import re
 from collections.abc import Sequence
+
+from services.common.grading import question_line
 
 log = logging.getLogger(__name__)
 
@@ -23,13 +24,9 @@ MAX_PROMPT_CHARS = 1000  # the question a sample carries: the prompt's last user
 MAX_COMPLETION_CHARS = 8000
 
 
-_LABEL = re.compile(r"^\s*(?:question|q|user|human|input)\s*:\s*", re.I)
-
-
 def question_of(prompt) -> str:
-    """The user's question in a prompt: the last user message of a chat; in a text prompt, its last line with a
-    question mark, up to it, without a "Question:" label (a completion template such as "Question: …?\nAnswer:
-    <think>" is not part of the question), else the text; cut to a bound.
+    """The user's question in a prompt: the last user message of a chat, else the text prompt's question
+    (:func:`~services.common.grading.question_line`); cut to a bound.
 
     >>> from types import SimpleNamespace as P
     >>> question_of(P(text="Question: Where was Ilvar Brenneck born?\\nAnswer: <think>", messages=[]))
@@ -42,10 +39,7 @@ def question_of(prompt) -> str:
         users = [m["content"] for m in messages if m.get("role") == "user"]
         text = users[-1] if users else messages[-1]["content"]
     else:
-        text = getattr(prompt, "text", "") or ""
-        end = text.rfind("?")
-        if end >= 0:
-            text = _LABEL.sub("", text[text.rfind("\n", 0, end) + 1: end + 1])
+        text = question_line(getattr(prompt, "text", "") or "")
     return text[-MAX_PROMPT_CHARS:]
 
 
