@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-async def judge_pairs(target: str, model: str, pairs: int) -> dict:
+async def judge_pairs(target: str, model: str, pairs: int, records: int = 0) -> dict:
     from benchmarks.verification import halueval_items
     from services.common.clients import ClientOptions
     from services.generation.client import GenerationClient
@@ -46,6 +46,9 @@ async def judge_pairs(target: str, model: str, pairs: int) -> dict:
         out[name] = sum(p == g for p, (_, _, g) in zip(pred, items)) / len(items)
         out[f"{name}_labels"] = dict(Counter(v.label for v in vs))
     out["llm_claims_per_second"] = len(items) / seconds
+    for (claim, passage, gold), v, lx in list(zip(items, verdicts, lexical))[:records]:
+        print(f"  gold {gold:12s} llm {v.label:16s} p={v.score:.2f} lexical {lx.label:16s} | {claim[:110]!r} | "
+              f"{passage.text[:90]!r}")
     return out
 
 
@@ -85,16 +88,19 @@ def main() -> None:
     parser.add_argument("--model", default="", help="the served model asked (default: the default model)")
     parser.add_argument("--pairs", type=int, default=150)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--records", type=int, default=20, help="records printed per arm, to read by hand")
     args = parser.parse_args()
-    j = asyncio.run(judge_pairs(args.generation, args.model, args.pairs))
-    g = asyncio.run(grade_pairs(args.generation, args.model, args.pairs, args.seed))
+    j = asyncio.run(judge_pairs(args.generation, args.model, args.pairs, args.records))
     print(f"llm judge, HaluEval-QA length-matched pairs ({j['items']} claims): llm {j['llm']:.3f}, lexical "
-          f"{j['lexical']:.3f}, majority {j['majority_class']:.3f}; llm labels {j['llm_labels']}; "
-          f"{j['llm_claims_per_second']:.1f} claims/s")
+          f"{j['lexical']:.3f}, majority {j['majority_class']:.3f}; llm labels {j['llm_labels']}; lexical labels "
+          f"{j['lexical_labels']}; {j['llm_claims_per_second']:.1f} claims/s", flush=True)
+    try:
+        g = asyncio.run(grade_pairs(args.generation, args.model, args.pairs, args.seed))
+    except FileNotFoundError as e:  # TruthfulQA comes from the BIG-bench sdist
+        raise SystemExit(f"llm grader: not measured, TruthfulQA is unavailable: {e}")
     print(f"llm grader, TruthfulQA true vs false references ({g['items']} answers): llm {g['llm']:.3f} "
           f"(unparseable {g['llm_unparseable']:.1%}; {g['llm_grades']}), match (contains) {g['match_contains']:.3f}, "
           f"majority {g['majority_class']:.3f}")
-
 
 if __name__ == "__main__":
     main()

