@@ -4,7 +4,9 @@
   question's knowledge passage, right vs hallucinated answer — beside the ``lexical`` judge and the majority class;
 * the ``llm`` grader (reward's correctness, SimpleQA's A/B/C) on TruthfulQA answer pairs: another true reference as
   the prediction (should be CORRECT) and a false reference (should be INCORRECT), against the first true reference
-  as the gold target — beside the match grader (``contains``) on the same pairs.
+  as the gold target — beside the match grader (``contains``) on the same pairs; where TruthfulQA cannot be had (it
+  ships in the BIG-bench sdist, which the index stopped serving), on HaluEval-QA: the right answer said in a sentence
+  (CORRECT) and the hallucinated answer (INCORRECT) against the right answer.
 
     .venv/bin/knowserve up --services generation && .venv/bin/python benchmarks/llm_graders.py --pairs 150
 """
@@ -52,18 +54,33 @@ async def judge_pairs(target: str, model: str, pairs: int, records: int = 0) -> 
     return out
 
 
-async def grade_pairs(target: str, model: str, pairs: int, seed: int) -> dict:
-    from services.common.grading import CORRECT, INCORRECT, GradeOptions, grade
-    from services.common.clients import ClientOptions
-    from services.generation.client import GenerationClient
-    from services.reward.grader import grade_with_llm
+def grading_cases(source: str, pairs: int, seed: int) -> list[tuple[str, list[str], str, str]]:
+    """(question, gold targets, prediction, true grade) pairs: ``truthfulqa`` — another true reference (CORRECT) and
+    a false one (INCORRECT) against the first true reference; ``halueval_qa`` (where the BIG-bench sdist holding
+    TruthfulQA cannot be had) — the right answer said in a sentence (CORRECT) and HaluEval's hallucinated answer
+    (INCORRECT) against the right answer."""
+    from services.common.grading import CORRECT, INCORRECT
     from training.data import load_dataset
 
-    rows = [r for r in load_dataset("truthfulqa") if len(r.gold_answers) >= 2 and r.false_answers]
-    random.Random(seed).shuffle(rows)
-    rows = rows[:pairs]
-    cases = [(r.question, [r.gold_answers[0]], r.gold_answers[1], CORRECT) for r in rows]
-    cases += [(r.question, [r.gold_answers[0]], r.false_answers[0], INCORRECT) for r in rows]
+    if source == "truthfulqa":
+        rows = [r for r in load_dataset("truthfulqa") if len(r.gold_answers) >= 2 and r.false_answers]
+        random.Random(seed).shuffle(rows)
+        rows = rows[:pairs]
+        return ([(r.question, [r.gold_answers[0]], r.gold_answers[1], CORRECT) for r in rows]
+                + [(r.question, [r.gold_answers[0]], r.false_answers[0], INCORRECT) for r in rows])
+    rows = load_dataset("halueval_qa", limit=pairs, seed=seed)
+    return ([(r.question, [r.gold_answers[0]], f"I believe the answer is {r.gold_answers[0]}.", CORRECT) for r in rows]
+            + [(r.question, [r.gold_answers[0]], r.false_answers[0], INCORRECT) for r in rows])
+
+
+async def grade_pairs(target: str, model: str, pairs: int, seed: int, source: str = "truthfulqa",
+                      records: int = 0) -> dict:
+    from services.common.clients import ClientOptions
+    from services.common.grading import GradeOptions, grade
+    from services.generation.client import GenerationClient
+    from services.reward.grader import grade_with_llm
+
+    cases = grading_cases(source, pairs, seed)
     async with GenerationClient(target, ClientOptions(timeout_seconds=600), model=model, internal=True) as gen:
         graded = []
         for i in range(0, len(cases), 32):
@@ -73,6 +90,9 @@ async def grade_pairs(target: str, model: str, pairs: int, seed: int) -> dict:
     llm = [g for g, _ in graded]
     match = [grade(c[2], c[1], options=GradeOptions("answer_tag_or_text", "contains")) for c in cases]
     gold = [c[3] for c in cases]
+    for k in list(range(0, len(cases), max(1, len(cases) // max(1, records))))[:records]:
+        print(f"  true {gold[k]:10s} llm {str(llm[k]):10s} contains {match[k]:10s} | {cases[k][0][:80]!r} | gold "
+              f"{cases[k][1][0][:40]!r} | prediction {cases[k][2][:70]!r}")
     return {"items": len(cases), "majority_class": 0.5,
             "llm": sum(p == g for p, g in zip(llm, gold)) / len(cases),
             "llm_unparseable": sum(p is None for p in llm) / len(cases),
@@ -88,17 +108,28 @@ def main() -> None:
     parser.add_argument("--model", default="", help="the served model asked (default: the default model)")
     parser.add_argument("--pairs", type=int, default=150)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--grader-set", choices=["auto", "truthfulqa", "halueval_qa"], default="auto",
+                        help="answers the llm grader grades (auto: TruthfulQA where BIG-bench can be had)")
     parser.add_argument("--records", type=int, default=20, help="records printed per arm, to read by hand")
+    parser.add_argument("--skip-judge", action="store_true", help="only the llm grader")
     args = parser.parse_args()
-    j = asyncio.run(judge_pairs(args.generation, args.model, args.pairs, args.records))
-    print(f"llm judge, HaluEval-QA length-matched pairs ({j['items']} claims): llm {j['llm']:.3f}, lexical "
-          f"{j['lexical']:.3f}, majority {j['majority_class']:.3f}; llm labels {j['llm_labels']}; lexical labels "
-          f"{j['lexical_labels']}; {j['llm_claims_per_second']:.1f} claims/s", flush=True)
-    try:
-        g = asyncio.run(grade_pairs(args.generation, args.model, args.pairs, args.seed))
-    except FileNotFoundError as e:  # TruthfulQA comes from the BIG-bench sdist
-        raise SystemExit(f"llm grader: not measured, TruthfulQA is unavailable: {e}")
-    print(f"llm grader, TruthfulQA true vs false references ({g['items']} answers): llm {g['llm']:.3f} "
+    if not args.skip_judge:
+        j = asyncio.run(judge_pairs(args.generation, args.model, args.pairs, args.records))
+        print(f"llm judge, HaluEval-QA length-matched pairs ({j['items']} claims): llm {j['llm']:.3f}, lexical "
+              f"{j['lexical']:.3f}, majority {j['majority_class']:.3f}; llm labels {j['llm_labels']}; lexical labels "
+              f"{j['lexical_labels']}; {j['llm_claims_per_second']:.1f} claims/s", flush=True)
+    source = args.grader_set
+    if source == "auto":
+        from services.verification.nli import bigbench_root
+
+        try:
+            bigbench_root(ROOT / ".cache")
+            source = "truthfulqa"
+        except FileNotFoundError as e:  # TruthfulQA comes from the BIG-bench sdist
+            print(f"TruthfulQA unavailable ({str(e)[:120]}...): the llm grader is measured on HaluEval-QA", flush=True)
+            source = "halueval_qa"
+    g = asyncio.run(grade_pairs(args.generation, args.model, args.pairs, args.seed, source, args.records))
+    print(f"llm grader, {source} right vs wrong answers ({g['items']} answers): llm {g['llm']:.3f} "
           f"(unparseable {g['llm_unparseable']:.1%}; {g['llm_grades']}), match (contains) {g['match_contains']:.3f}, "
           f"majority {g['majority_class']:.3f}")
 
