@@ -34,9 +34,9 @@ import numpy as np
 LABELS = ("SUPPORTED", "REFUTED", "NOT_ENOUGH_INFO")
 _VITAMINC = {"True": 0, "False": 1, "Neither": 2}
 BIGBENCH_VERSION = "1.0.0"
-log = logging.getLogger(__name__)
 BIGBENCH_TASKS = ["bigbench/benchmark_tasks/vitaminc_fact_verification", "bigbench/benchmark_tasks/fact_checker",
                   "bigbench/benchmark_tasks/truthful_qa", "bigbench/benchmark_tasks/qa_wikidata"]
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
