@@ -599,9 +599,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from services.common.progress import quiet_library_bars
 
+    from services.common.errors import KnowserveError
+
     args = build_parser().parse_args(argv)
     quiet_library_bars()
-    return int(args.fn(args) or 0)
+    try:
+        return int(args.fn(args) or 0)
+    except KnowserveError as e:  # a refusal from a service or a domain error: the message, not a traceback
+        code = getattr(e, "code", None)
+        print(f"error: {e}" + (f" ({code.name})" if code is not None else ""), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -111,7 +111,7 @@ async def test_hot_swap_under_load_has_no_failures_and_no_stale_version_after_ac
     assert check.returncode == 0, check.stdout + check.stderr
 
 
-async def test_named_models_are_isolated_and_roll_back_to_kept_versions(serve_generation_app):
+async def test_named_models_are_isolated_and_roll_back_to_kept_versions(serve_generation_app, capsys):
     """A swap or rollback naming `second` never touches `tiny`; RollbackWeights returns to a kept version (and
     forward again) with no failed request; a version that is not kept, an unknown model and a corrupt body are
     refused with the precise code."""
@@ -167,6 +167,14 @@ async def test_named_models_are_isolated_and_roll_back_to_kept_versions(serve_ge
         with pytest.raises(Exception) as err:
             await gen.rollback_weights(start + 7)
         assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION and f"{start + 1}" in str(err.value)
+        # `knowserve rollback` says the same in one line (no traceback) and exits 1
+        from services.cli import main
+
+        code = await asyncio.to_thread(main, ["rollback", "second", str(start + 7), "--target", app.target,
+                                              "--generation-app", SERVE_APP])
+        err_text = capsys.readouterr().err
+        assert code == 1 and "not kept" in err_text and "FAILED_PRECONDITION" in err_text, err_text
+        assert "Traceback" not in err_text
         with pytest.raises(Exception) as err:  # a publish must be above the latest, not the serving, version
             await gen.update_weights(str(root / "second-a"), start + 2)
         assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
