@@ -120,14 +120,11 @@ def main() -> None:
               f"{j['lexical_labels']}; {j['llm_claims_per_second']:.1f} claims/s", flush=True)
     source = args.grader_set
     if source == "auto":
-        from services.verification.nli import bigbench_root
+        from services.verification.nli import bigbench_available
 
-        try:
-            bigbench_root(ROOT / ".cache")
-            source = "truthfulqa"
-        except FileNotFoundError as e:  # TruthfulQA comes from the BIG-bench sdist
-            print(f"TruthfulQA unavailable ({str(e)[:120]}...): the llm grader is measured on HaluEval-QA", flush=True)
-            source = "halueval_qa"
+        source = "truthfulqa" if bigbench_available(ROOT / ".cache") else "halueval_qa"
+        if source == "halueval_qa":  # TruthfulQA comes from the BIG-bench sdist
+            print("TruthfulQA unavailable (no BIG-bench sdist): the llm grader is measured on HaluEval-QA", flush=True)
     g = asyncio.run(grade_pairs(args.generation, args.model, args.pairs, args.seed, source, args.records))
     print(f"llm grader, {source} right vs wrong answers ({g['items']} answers): llm {g['llm']:.3f} "
           f"(unparseable {g['llm_unparseable']:.1%}; {g['llm_grades']}), match (contains) {g['match_contains']:.3f}, "

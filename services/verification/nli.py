@@ -60,6 +60,15 @@ def bigbench_root(cache: Path = Path(".cache"), download: bool = True) -> Path:
     return extract_members(sdist, BIGBENCH_TASKS, cache / "bigbench")
 
 
+def bigbench_available(cache: Path = Path(".cache")) -> bool:
+    """Whether :func:`bigbench_root` can be had here (cached, or fetched from the index)."""
+    try:
+        bigbench_root(cache)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def load_vitaminc(root: Path) -> list[NliExample]:
     """VitaminC pairs from BIG-bench's task file (``input`` = "Title: evidence\\nClaim: claim")."""
     task = json.loads((root / "bigbench/benchmark_tasks/vitaminc_fact_verification/task.json").read_text())
