@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import time
 from pathlib import Path
 
 from services.common.addresses import GENERATION_APP, default_target
@@ -85,6 +86,23 @@ def cmd_ingest(args) -> int:
           f"skipped {report.skipped}")
     for example in report.skipped_examples:
         print(f"  skipped {example}")
+    return 0
+
+
+def cmd_reembed(args) -> int:
+    from services.retrieval.config import RetrievalSettings
+    from services.retrieval.embedded import reembed
+    from services.retrieval.encoder import load_encoder
+
+    settings = RetrievalSettings(**({"data_dir": Path(args.data_dir)} if args.data_dir else {}))
+    if not (Path(settings.data_dir) / "tantivy").exists():
+        print(f"{settings.data_dir}: no embedded index here (set --data-dir)", file=sys.stderr)
+        return 2
+    started = time.monotonic()
+    n = reembed(settings, load_encoder(settings))
+    took = time.monotonic() - started
+    print(f"re-embedded {n} passages in {took:.1f} s ({n / max(took, 1e-9):.0f} passages/s) into "
+          f"{settings.data_dir}/dense with {settings.encoder_runtime} encoder")
     return 0
 
 
@@ -433,6 +451,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", default="", help="source for rows that have none")
     p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the service")
     p.set_defaults(fn=cmd_ingest)
+
+    p = sub.add_parser("reembed", help="re-embed the embedded index's passages with the configured encoder "
+                       "(after changing it; retrieval service stopped)")
+    p.add_argument("--data-dir", help="embedded index folder (default KNOWSERVE_RETRIEVAL_DATA_DIR)")
+    p.set_defaults(fn=cmd_reembed)
 
     p = sub.add_parser("edit", help="knowledge edits: add (upsert) or rm (delete) documents")
     edit = p.add_subparsers(dest="action", required=True)

@@ -115,9 +115,10 @@ FACTS = [
 
 @pytest.fixture(scope="session")
 def encoder():
-    from services.retrieval.encoder import SentenceEncoder
+    from services.retrieval.config import RetrievalSettings
+    from services.retrieval.encoder import load_encoder
 
-    return SentenceEncoder()
+    return load_encoder(RetrievalSettings())  # the default runtime (onnx), as the service loads it
 
 
 class InProcessService:

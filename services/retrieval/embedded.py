@@ -3,8 +3,7 @@
 Layout of ``data_dir``::
 
     tantivy/          the BM25 index (one commit per write call: atomic, survives restarts)
-    dense/vectors.f32 appended float32 rows  [n_rows, dim]
-    dense/rows.jsonl  appended row log: {"op": "add", "row", "id", "doc", "title", "source"} | {"op": "del", "doc"}
+    dense/            vectors, their write-ahead row log and the HNSW index (see :class:`DenseStore`)
 
 The dense log is replayed at start-up; deleted rows are masked, never rewritten in place.
 """
@@ -12,8 +11,10 @@ The dense log is replayed at start-up; deleted rows are masked, never rewritten 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
+import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -53,118 +54,308 @@ def _schema() -> tantivy.Schema:
     return b.build()
 
 
-class DenseStore:
-    """Append-only dense vectors with a replayable row log; search is a matrix product over live rows."""
+class DenseIndexMismatch(RuntimeError):
+    """The stored vectors come from another encoder (or dimension) than the configured one."""
 
-    def __init__(self, folder: Path, dim: int):
+
+def text_hash(text: str) -> str:
+    """Short hash of a passage's text, logged with its vector so a restart can tell which side a crash hit.
+
+    >>> text_hash("Paris is in France.") == text_hash("Paris is in France."), len(text_hash("x"))
+    (True, 16)
+    """
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=8).hexdigest()
+
+
+@dataclasses.dataclass
+class _Batch:
+    """One write call in the row log: where it starts (log offset, first row) and what it did."""
+
+    offset: int
+    first_row: int
+    adds: list[dict]
+    dels: list[str]
+
+
+class DenseStore:
+    """Dense vectors on disk, a replayable row log, and (above ``ann_min_rows``) an HNSW index over them.
+
+    Layout of ``folder``::
+
+        meta.json     {"encoder": identity, "dim": dim} - a store refuses to open with another encoder
+        vectors.f32   appended float32 rows [n_rows, dim], memory-mapped (never read into RAM as a whole)
+        rows.jsonl    row log: per write call {"op": "batch", "row"}, then {"op": "add", "row", "id", "doc",
+                      "title", "source", "h"} / {"op": "del", "doc"} lines, then {"op": "end"}
+        ann.faiss     HNSW index (ids = rows), a cache rebuilt from vectors.f32 whenever it does not match
+
+    Each write call appends its vectors and then its log lines, fsynced, *before* the BM25 commit: the log is the
+    write-ahead log. At start-up a batch without its ``end`` line (a crash mid-write) is cut off, vector bytes no
+    complete batch refers to are truncated, and the backend checks the last batch against the BM25 index
+    (:meth:`EmbeddedBackend._verify_last_dense_batch`) and drops it when the BM25 commit never happened.
+    Deleted rows are masked, never rewritten in place.
+    """
+
+    def __init__(self, folder: Path, dim: int, encoder: str = "", settings: RetrievalSettings | None = None):
         self.folder = folder
         self.dim = dim
+        self.encoder = encoder
+        self.settings = settings or RetrievalSettings()
         folder.mkdir(parents=True, exist_ok=True)
         self.vectors_path = folder / "vectors.f32"
         self.rows_path = folder / "rows.jsonl"
-        self.matrix = np.zeros((0, dim), dtype=np.float32)  # [capacity, dim]
+        self._check_meta()
+        self.ann = None
+        self._reset()
+        self._load()
+
+    # ---- opening -------------------------------------------------------------------------------------------
+    def _check_meta(self) -> None:
+        meta_path = self.folder / "meta.json"
+        if meta_path.exists():
+            meta = json.loads(meta_path.read_text())
+            if meta.get("dim") != self.dim or (self.encoder and meta.get("encoder") not in ("", self.encoder)):
+                raise DenseIndexMismatch(
+                    f"{self.folder}: the stored vectors were made by encoder {meta.get('encoder')!r} "
+                    f"(dim {meta.get('dim')}), the configured encoder is {self.encoder!r} (dim {self.dim}). "
+                    f"Re-embed the corpus with the configured encoder: `knowserve reembed --data-dir "
+                    f"{self.folder.parent}` (retrieval service stopped), or point KNOWSERVE_RETRIEVAL_ENCODER_PATH "
+                    "back at the model that made them")
+        else:
+            meta_path.write_text(json.dumps({"encoder": self.encoder, "dim": self.dim}))
+
+    def _reset(self) -> None:
         self.n = 0
         self.live = np.zeros(0, dtype=bool)  # [capacity]
         self.ids: list[str] = []
-        self.rows_of_doc: dict[str, list[int]] = {}  # live rows per document (for replace/delete)
+        self.rows_of_doc: dict[str, list[int]] = {}  # live rows per document (replace/delete, document_id filter)
         # filter field -> value -> rows ever written with it (dead rows are removed by the live mask)
-        self.rows_by: dict[str, dict[str, list[int]]] = {"document_id": {}, "title": {}, "source": {}}
-        self._load()
+        self.rows_by: dict[str, dict[str, list[int]]] = {"title": {}, "source": {}}
+        self.dead = 0
+        self.last_batch: _Batch | None = None
+        self.matrix = np.zeros((0, self.dim), dtype=np.float32)
+
+    def _remap(self) -> None:
+        """Memory-map the first ``n`` stored rows ``[n, dim]`` (pages are read on demand, shared with the OS cache)."""
+        self.matrix = (np.memmap(self.vectors_path, dtype=np.float32, mode="r", shape=(self.n, self.dim))
+                       if self.n else np.zeros((0, self.dim), dtype=np.float32))
+
+    def _load(self) -> None:
+        stored_rows = self.vectors_path.stat().st_size // (4 * self.dim) if self.vectors_path.exists() else 0
+        good_end = 0  # log offset after the last line (legacy) or batch (current) that is whole
+        batch: _Batch | None = None
+        if self.rows_path.exists():
+            with self.rows_path.open("rb") as f:
+                offset = 0
+                for raw in f:
+                    line_start, offset = offset, offset + len(raw)
+                    try:
+                        if not raw.endswith(b"\n"):
+                            raise ValueError("torn line")
+                        entry = json.loads(raw)
+                    except ValueError:  # a torn last line after a crash
+                        break
+                    op = entry["op"]
+                    if op == "batch":
+                        batch = _Batch(line_start, entry["row"], [], [])
+                    elif op == "end" and batch is not None:
+                        if any(a["row"] >= stored_rows for a in batch.adds):
+                            break  # its vectors never reached the disk
+                        self._apply(batch)
+                        self.last_batch, batch, good_end = batch, None, offset
+                    elif batch is not None:  # inside a batch: applied when its end line is read
+                        (batch.adds if op == "add" else batch.dels).append(entry if op == "add" else entry["doc"])
+                    elif op == "add":  # legacy log without batch markers
+                        if entry["row"] >= stored_rows:
+                            break
+                        self._apply(_Batch(line_start, entry["row"], [entry], []))
+                        good_end = offset
+                    else:
+                        self._apply(_Batch(line_start, self.n, [], [entry["doc"]]))
+                        good_end = offset
+            if good_end < self.rows_path.stat().st_size:
+                log.warning("dense row log cut after its last whole write (crash mid-write)",
+                            extra={"path": str(self.rows_path), "kept_bytes": good_end})
+                os.truncate(self.rows_path, good_end)
+        if self.vectors_path.exists() and self.vectors_path.stat().st_size > self.n * 4 * self.dim:
+            os.truncate(self.vectors_path, self.n * 4 * self.dim)  # vectors of a write whose log never completed
+        self._remap()
+
+    def _apply(self, batch: _Batch) -> None:
+        for doc in batch.dels:
+            self._delete_doc(doc)
+        if batch.adds and batch.adds[-1]["row"] + 1 > len(self.live):
+            self._grow(batch.adds[-1]["row"] + 1 - self.n)
+        for entry in batch.adds:
+            self._add_row(entry)
 
     def _grow(self, extra: int) -> None:
         need = self.n + extra
-        if need <= len(self.matrix):
-            return
-        cap = max(need, 2 * len(self.matrix), 1024)
-        m = np.zeros((cap, self.dim), dtype=np.float32)
-        m[: self.n] = self.matrix[: self.n]
-        live = np.zeros(cap, dtype=bool)
-        live[: self.n] = self.live[: self.n]
-        self.matrix, self.live = m, live
+        if need > len(self.live):
+            live = np.zeros(max(need, 2 * len(self.live), 1024), dtype=bool)
+            live[: self.n] = self.live[: self.n]
+            self.live = live
 
-    def _load(self) -> None:
-        if not self.rows_path.exists():
-            return
-        raw = np.fromfile(self.vectors_path, dtype=np.float32) if self.vectors_path.exists() else np.zeros(0)
-        stored = raw.reshape(-1, self.dim)
-        with self.rows_path.open() as f:
-            for line in f:
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:  # a torn last line after a crash
-                    break
-                if entry["op"] == "add":
-                    if entry["row"] >= len(stored):
-                        break
-                    self._add_row(entry, stored[entry["row"]])
-                else:
-                    self._delete_doc(entry["doc"])
-
-    def _add_row(self, entry: dict, vector: np.ndarray) -> None:
+    def _add_row(self, entry: dict) -> None:
         self._grow(1)
         row = self.n
-        self.matrix[row] = vector
         self.live[row] = True
         self.ids.append(entry["id"])
         self.rows_of_doc.setdefault(entry["doc"], []).append(row)
-        for field, key in (("document_id", "doc"), ("title", "title"), ("source", "source")):
+        for field, key in (("title", "title"), ("source", "source")):
             self.rows_by[field].setdefault(entry[key], []).append(row)
         self.n += 1
 
     def _delete_doc(self, doc_id: str) -> None:
-        for row in self.rows_of_doc.pop(doc_id, []):
-            self.live[row] = False
+        rows = self.rows_of_doc.pop(doc_id, [])
+        self.live[rows] = False
+        self.dead += len(rows)
+
+    def open_ann(self) -> None:
+        """Load, catch up or build the HNSW index once the store is large enough (no-op when ANN is off)."""
+        s = self.settings
+        if not s.ann or self.live_rows < s.ann_min_rows:
+            return
+        from services.retrieval.ann import HnswIndex
+
+        ann = HnswIndex(self.folder, self.dim, self.encoder, s.ann_m, s.ann_ef_construction, s.ann_ef_search)
+        live = self.live[: self.n]
+        if ann.load(self.n) and ann.indexed and (ann.indexed - int(live[: ann.rows].sum())) <= 0.3 * ann.indexed:
+            if ann.rows < self.n:
+                log.info("adding rows written since the ANN index was saved", extra={"rows": self.n - ann.rows})
+                ann.add(self.matrix, live, ann.rows, self.n)
+                ann.save()
+        else:
+            self._build(ann)
+        self.ann = ann
+
+    def _build(self, ann) -> None:
+        from services.common.progress import progress
+
+        with progress(total=self.n, unit="vec", desc="building ANN index") as bar:
+            ann.build(self.matrix, self.live[: self.n], progress=bar.update)
+        ann.save()
+
+    # ---- writes --------------------------------------------------------------------------------------------
+    def _append(self, lines: list[dict], vectors: np.ndarray | None) -> None:
+        """Vectors first, then the batch's log lines; both fsynced (the write-ahead half of a write call)."""
+        if vectors is not None and len(vectors):
+            with self.vectors_path.open("ab") as vec_file:
+                np.ascontiguousarray(vectors, dtype=np.float32).tofile(vec_file)
+                vec_file.flush()
+                os.fsync(vec_file.fileno())
+        with self.rows_path.open("a") as log_file:
+            log_file.write("\n".join(json.dumps(x) for x in lines) + "\n")
+            log_file.flush()
+            os.fsync(log_file.fileno())
 
     def replace(self, passages: Sequence[Passage], vectors: np.ndarray) -> None:
-        """Replace every row of the passages' documents with the new vectors, and append to the log."""
+        """Replace every row of the passages' documents with the new vectors ``[len(passages), dim]``."""
         docs = list(dict.fromkeys(p.document_id for p in passages))
         first_row = self.n
-        with self.rows_path.open("a") as log_file, self.vectors_path.open("ab") as vec_file:
-            vectors.astype(np.float32).tofile(vec_file)
-            vec_file.flush()
-            lines = [json.dumps({"op": "del", "doc": d}) for d in docs]
-            for d in docs:
-                self._delete_doc(d)
-            for i, p in enumerate(passages):
-                entry = {"op": "add", "row": first_row + i, "id": p.id, "doc": p.document_id, "title": p.title,
-                         "source": p.source}
-                self._add_row(entry, vectors[i])
-                lines.append(json.dumps(entry))
-            log_file.write("\n".join(lines) + "\n")
-            log_file.flush()
+        adds = [{"op": "add", "row": first_row + i, "id": p.id, "doc": p.document_id, "title": p.title,
+                 "source": p.source, "h": text_hash(p.text)} for i, p in enumerate(passages)]
+        offset = self.rows_path.stat().st_size if self.rows_path.exists() else 0
+        self._append([{"op": "batch", "row": first_row}, *({"op": "del", "doc": d} for d in docs), *adds,
+                      {"op": "end"}], vectors)
+        batch = _Batch(offset, first_row, adds, docs)
+        self._apply(batch)
+        self.last_batch = batch
+        self._remap()
+        self._after_write(first_row)
 
     def delete(self, doc_ids: Sequence[str]) -> None:
-        with self.rows_path.open("a") as log_file:
-            for d in doc_ids:
-                self._delete_doc(d)
-                log_file.write(json.dumps({"op": "del", "doc": d}) + "\n")
+        offset = self.rows_path.stat().st_size if self.rows_path.exists() else 0
+        self._append([{"op": "batch", "row": self.n}, *({"op": "del", "doc": d} for d in doc_ids), {"op": "end"}],
+                     None)
+        batch = _Batch(offset, self.n, [], list(doc_ids))
+        self._apply(batch)
+        self.last_batch = batch
 
-    def search(self, qvecs: np.ndarray, n: int, filters: Sequence[SearchFilter]) -> list[list[tuple[str, float]]]:
-        """Top-``n`` (passage id, cosine) per query among live rows that pass the filters."""
-        if self.n == 0:
-            return [[] for _ in range(len(qvecs))]
+    def drop_last_batch(self) -> None:
+        """Undo the last write call (its BM25 commit never happened): truncate the log and vectors, replay."""
+        batch = self.last_batch
+        if batch is None:
+            return
+        os.truncate(self.rows_path, batch.offset)
+        os.truncate(self.vectors_path, batch.first_row * 4 * self.dim)
+        ann, self.ann = self.ann, None
+        self._reset()
+        self._load()
+        self.last_batch = None
+        if ann is not None:
+            self.open_ann()
+
+    def _after_write(self, first_new_row: int) -> None:
+        s = self.settings
+        if self.ann is None:
+            self.open_ann()
+        elif self.n > first_new_row:
+            self.ann.add(self.matrix, self.live[: self.n], first_new_row, self.n)
+            if self.ann.unsaved >= s.ann_save_every:
+                self.ann.save()
+
+    def flush(self) -> None:
+        """Save the ANN index if rows were added since its last save."""
+        if self.ann is not None and self.ann.unsaved:
+            self.ann.save()
+
+    # ---- search --------------------------------------------------------------------------------------------
+    def _mask(self, filters: Sequence[SearchFilter]) -> np.ndarray | None:
+        """Rows that are live and pass the filters ``[n_rows]``; None when every row is live and unfiltered."""
+        if not filters and not self.dead:
+            return None
         mask = self.live[: self.n].copy()  # [n_rows]
         for f in filters:
             allowed = np.zeros(self.n, dtype=bool)  # [n_rows]
             for value in f.values:
-                allowed[self.rows_by[f.field].get(value, [])] = True
+                rows = self.rows_of_doc.get(value, []) if f.field == "document_id" \
+                    else self.rows_by[f.field].get(value, [])
+                allowed[rows] = True
             mask &= allowed
-        n_live = int(mask.sum())
-        if n_live == 0:
-            return [[] for _ in range(len(qvecs))]
-        scores = qvecs @ self.matrix[: self.n].T  # [n_queries, n_rows]; no copy of the matrix
-        scores[:, ~mask] = -np.inf
-        k = min(n, n_live)
+        return mask
+
+    def _exact(self, q: np.ndarray, k: int, mask: np.ndarray | None) -> list[list[tuple[str, float]]]:
+        """Exact top-``k`` over the allowed rows; gathers them first when the filter leaves few."""
+        rows = np.flatnonzero(mask) if mask is not None else None  # [n_allowed]
+        if rows is not None and len(rows) < self.n // 4:
+            scores = q @ np.asarray(self.matrix[rows]).T  # [n_queries, n_allowed]
+        else:
+            scores = q @ self.matrix.T  # [n_queries, n_rows]
+            if mask is not None:
+                scores[:, ~mask] = -np.inf
+            rows = None
+        k = min(k, scores.shape[1])
         out = []
         for row in scores:
             top = np.argpartition(-row, k - 1)[:k]
             top = top[np.argsort(-row[top])]
-            out.append([(self.ids[j], float(row[j])) for j in top])
+            ids = rows[top] if rows is not None else top
+            out.append([(self.ids[j], float(row[t])) for j, t in zip(ids, top)])
+        return out
+
+    def search(self, qvecs: np.ndarray, n: int, filters: Sequence[SearchFilter]) -> list[list[tuple[str, float]]]:
+        """Top-``n`` (passage id, cosine) per query ``qvecs [n_queries, dim]`` among live rows that pass the filters."""
+        if self.n == 0:
+            return [[] for _ in range(len(qvecs))]
+        mask = self._mask(filters)
+        n_allowed = self.n if mask is None else int(mask.sum())
+        if n_allowed == 0:
+            return [[] for _ in range(len(qvecs))]
+        k = min(n, n_allowed)
+        if self.ann is None or (filters and n_allowed <= self.settings.ann_exact_below):
+            return self._exact(qvecs, k, mask)
+        scores, rows = self.ann.search(qvecs, k, mask)  # [n_queries, k] each, row -1 = no more
+        out = []
+        for qi in range(len(qvecs)):
+            hits = [(self.ids[r], float(s)) for s, r in zip(scores[qi], rows[qi]) if r >= 0]
+            if len(hits) < k:  # the graph walk ran out of allowed rows: answer this query exactly
+                hits = self._exact(qvecs[qi: qi + 1], k, mask)[0]
+            out.append(hits)
         return out
 
     @property
     def live_rows(self) -> int:
-        return int(self.live[: self.n].sum())
+        return self.n - self.dead
 
 
 class EmbeddedBackend:
@@ -185,11 +376,30 @@ class EmbeddedBackend:
         self.encoder = encoder
         self.dense: DenseStore | None = None
         if encoder is not None:
-            self.dense = DenseStore(self.folder / "dense", encoder.dim)
+            self.dense = DenseStore(self.folder / "dense", encoder.dim, getattr(encoder, "identity", ""), settings)
+            self._verify_last_dense_batch()
+            self.dense.open_ann()
             passages = self.index.searcher().num_docs
             if self.dense.live_rows != passages:
                 log.warning("dense vectors out of step with the BM25 index; re-ingest to re-embed",
                             extra={"passages": passages, "dense_rows": self.dense.live_rows})
+
+    def _verify_last_dense_batch(self) -> None:
+        """Drop the dense log's last write if its BM25 commit never happened (a crash between the two)."""
+        batch = self.dense.last_batch
+        if batch is None:
+            return
+        searcher = self.index.searcher()
+        if batch.adds:
+            fetched = self._fetch(searcher, [a["id"] for a in batch.adds])
+            committed = all(a["id"] in fetched and ("h" not in a or text_hash(fetched[a["id"]].text) == a["h"])
+                            for a in batch.adds)
+        else:
+            committed = not any(self._exists(searcher, d) for d in batch.dels)
+        if not committed:
+            log.warning("the last dense write has no BM25 commit (crash between them); dropping it",
+                        extra={"rows": len(batch.adds), "deleted_documents": len(batch.dels)})
+            self.dense.drop_last_batch()
 
     @property
     def dense_enabled(self) -> bool:
@@ -283,9 +493,14 @@ class EmbeddedBackend:
         with self.lock:
             searcher = self.index.searcher()
             replaced = sum(self._exists(searcher, d.id) for d in documents)
-            self._commit([d.id for d in documents], passages)
-            if self.dense is not None:
+            if self.dense is not None:  # the dense log is the write-ahead half: written and fsynced first
                 self.dense.replace(passages, vectors)
+            try:
+                self._commit([d.id for d in documents], passages)
+            except BaseException:
+                if self.dense is not None:
+                    self.dense.drop_last_batch()
+                raise
         return UpsertResult(len(documents), len(passages), replaced)
 
     def delete(self, ids: Sequence[str]) -> DeleteResult:
@@ -294,9 +509,14 @@ class EmbeddedBackend:
             present = [i for i in ids if self._exists(searcher, i)]
             missing = [i for i in ids if i not in set(present)]
             if present:
-                self._commit(present, [])
                 if self.dense is not None:
                     self.dense.delete(present)
+                try:
+                    self._commit(present, [])
+                except BaseException:
+                    if self.dense is not None:
+                        self.dense.drop_last_batch()
+                    raise
         return DeleteResult(len(present), missing)
 
     def stats(self) -> IndexStats:
@@ -319,6 +539,55 @@ class EmbeddedBackend:
     def close(self) -> None:
         """Finish merges and release the index lock; idempotent."""
         with self.lock:
+            if self.dense is not None:
+                self.dense.flush()
             if self.writer is not None:
                 self.writer.wait_merging_threads()  # consumes the writer
                 self.writer = None
+
+
+def reembed(settings: RetrievalSettings, encoder, batch_size: int = 512) -> int:
+    """Re-embed every passage of the BM25 index with ``encoder`` into a new dense folder and swap it in.
+
+    For a changed encoder (the store refuses to open otherwise) or a lost/damaged ``dense/`` folder. Run it with
+    the retrieval service stopped; the old folder is replaced only once the new one is whole. Returns passages.
+    """
+    import shutil
+
+    from services.common.progress import progress
+
+    folder = Path(settings.data_dir)
+    index = tantivy.Index.open(str(folder / "tantivy"))
+    searcher = index.searcher()
+    total = searcher.num_docs
+    by_doc: dict[str, list[Passage]] = {}
+    for _score, addr in (searcher.search(tantivy.Query.all_query(), total).hits if total else []):
+        p = EmbeddedBackend._passage(searcher.doc(addr), 0.0, "tantivy")
+        by_doc.setdefault(p.document_id, []).append(p)
+    new = folder / "dense.new"
+    shutil.rmtree(new, ignore_errors=True)
+    store = DenseStore(new, encoder.dim, getattr(encoder, "identity", ""), settings.model_copy(update={"ann": False}))
+    batch: list[Passage] = []
+
+    def flush() -> None:
+        if batch:
+            store.replace(batch, encoder.encode([f"{p.title}: {p.text}" for p in batch]))
+            bar.update(len(batch))
+            batch.clear()
+
+    with progress(total=total, unit="passage", desc="re-embedding") as bar:  # rate = passages/s
+        for passages in by_doc.values():
+            batch.extend(sorted(passages, key=lambda p: p.chunk))  # a document's passages stay in one batch
+            if len(batch) >= batch_size:
+                flush()
+        flush()
+    store.settings = settings
+    store.open_ann()
+    store.flush()
+    old = folder / "dense.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if (folder / "dense").exists():
+        os.replace(folder / "dense", old)
+    os.replace(new, folder / "dense")
+    shutil.rmtree(old, ignore_errors=True)
+    return total

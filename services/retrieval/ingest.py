@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,6 +96,7 @@ def ingest(path: Path, upsert: Callable[[list[Document]], UpsertResult], *, batc
             report.replaced += r.documents_replaced
             batch.clear()
 
+    started = time.monotonic()
     bar = tqdm(total=count_rows(path), unit="doc", desc=f"ingest {path.name}", disable=not progress)
     with bar:
         for where, row, error in iter_rows(path):
@@ -112,8 +114,12 @@ def ingest(path: Path, upsert: Callable[[list[Document]], UpsertResult], *, batc
             batch[doc.id] = doc
             if len(batch) >= batch_size:
                 flush()
-                bar.set_postfix(docs=report.documents, passages=report.passages)
+                bar.set_postfix(docs=report.documents, passages=report.passages,
+                                passages_per_s=round(report.passages / max(time.monotonic() - started, 1e-9)))
         flush()
+    took = time.monotonic() - started
+    log.info("ingest done", extra={"documents": report.documents, "passages": report.passages,
+                                   "seconds": round(took, 1), "passages_per_s": round(report.passages / max(took, 1e-9))})
     return report
 
 

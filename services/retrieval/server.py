@@ -74,9 +74,9 @@ def build_backend(settings: RetrievalSettings, encoder=None):
     from services.retrieval.embedded import EmbeddedBackend
 
     if settings.dense and encoder is None:
-        from services.retrieval.encoder import SentenceEncoder
+        from services.retrieval.encoder import load_encoder
 
-        encoder = SentenceEncoder(settings.encoder_path, settings.encode_batch_size, settings.encode_max_tokens)
+        encoder = load_encoder(settings)
     return EmbeddedBackend(settings, encoder if settings.dense else None)
 
 
@@ -85,7 +85,7 @@ class RetrievalApp(ServiceApp):
 
     def __init__(self, settings: RetrievalSettings, encoder=None):
         self.settings = settings
-        self.encoder = encoder  # an already-loaded SentenceEncoder to share (tests, benchmarks); None loads one
+        self.encoder = encoder  # an already-loaded encoder to share (tests, benchmarks); None loads one
         self.core: RetrievalCore | None = None
         self.bindings = [ServiceBinding(pb.DESCRIPTOR.services_by_name["RetrievalService"].full_name,
                                         pb_grpc.add_RetrievalServiceServicer_to_server, RetrievalServicer(self))]
