@@ -50,7 +50,8 @@ def efsearch_for(ef_search: int, k: int, allowed: np.ndarray | None, cap: int = 
     """HNSW candidate list for a query: ``ef_search``, widened by 1/selectivity when a filter (or deletions) leaves
     only a fraction of the rows, so the walk still meets ``k`` allowed neighbours (capped at ``cap``).
 
-    >>> efsearch_for(96, 10, None), efsearch_for(96, 10, np.array([True] * 10 + [False] * 90)), efsearch_for(8, 50, None)
+    >>> mask = np.array([True] * 10 + [False] * 90)
+    >>> efsearch_for(96, 10, None), efsearch_for(96, 10, mask), efsearch_for(8, 50, None)
     (96, 960, 50)
     """
     ef = max(ef_search, k)
@@ -99,6 +100,7 @@ class HnswIndex:
 
     def add(self, vectors: np.ndarray, live: np.ndarray, start: int, stop: int, progress=None) -> None:
         """Add the live rows among ``[start, stop)`` (row number = id), in chunks."""
+        self.faiss.omp_set_num_threads(os.cpu_count() or 1)
         for lo in range(start, stop, 50_000):
             hi = min(stop, lo + 50_000)
             ids = lo + np.flatnonzero(live[lo:hi])  # [k]
@@ -124,6 +126,8 @@ class HnswIndex:
             bits = bitmap(allowed)
             selector = f.IDSelectorBitmap(len(allowed), f.swig_ptr(bits))
             params.sel = selector
+        # a walk per query is short: OpenMP threads for a handful of queries only contend with the encoder's pool
+        f.omp_set_num_threads(1 if len(qvecs) < 8 else (os.cpu_count() or 1))
         scores, rows = self.index.search(np.ascontiguousarray(qvecs, dtype=np.float32), k, params=params)
         return scores, rows
 

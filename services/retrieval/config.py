@@ -33,6 +33,9 @@ class RetrievalSettings(ServiceSettings):
     )
     encoder_cache_dir: Path = Field(Path(".knowserve/cache/encoders"), description="Where ONNX exports are kept.")
     encode_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = one per core.")
+    encode_spinning: bool = Field(
+        False, description="Let ONNX Runtime's threads busy-wait between runs: a faster encode alone, but in the "
+        "service they take the cores the gRPC, BM25 and HNSW threads need (measured: slower end to end).")
     ann: bool = Field(True, description="Approximate dense search (faiss HNSW, int8 vectors) once the corpus is "
                       "large enough; exact search below ann_min_rows.")
     ann_min_rows: int = Field(20_000, ge=1, description="Live vectors before the HNSW index is built; below it "

@@ -17,6 +17,7 @@ import logging
 import os
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -374,6 +375,7 @@ class EmbeddedBackend:
         self.writer = self.index.writer(heap_size=128_000_000, num_threads=1)
         self.lock = threading.Lock()
         self.encoder = encoder
+        self._encode_pool = ThreadPoolExecutor(1, thread_name_prefix="encode")
         self.dense: DenseStore | None = None
         if encoder is not None:
             self.dense = DenseStore(self.folder / "dense", encoder.dim, getattr(encoder, "identity", ""), settings)
@@ -447,20 +449,29 @@ class EmbeddedBackend:
         searcher = self.index.searcher()
         pool = max(3 * top_k, top_k + 20)  # candidates re-ranked by the edit boost / fusion
         dense_hits: list[list[tuple[str, float]]] = [[] for _ in queries]
-        if mode in ("dense", "hybrid"):
+        lexical: list[list[Passage]] = [[] for _ in queries]
+        if mode == "hybrid":
+            # the encoder (ONNX Runtime, GIL released) runs beside the BM25 searches (tantivy, GIL released)
+            encoded = self._encode_pool.submit(self.encoder.encode, list(queries))
+            lexical = [self._bm25(searcher, q, pool, filters) for q in queries]
+            dense_hits = self.dense.search(encoded.result(), pool, filters)
+        elif mode == "dense":
             dense_hits = self.dense.search(self.encoder.encode(list(queries)), pool, filters)
+        else:
+            lexical = [self._bm25(searcher, q, pool, filters) for q in queries]
         out = []
         for qi, query in enumerate(queries):
-            bm25 = self._bm25(searcher, query, pool, filters) if mode in ("bm25", "hybrid") else []
+            bm25 = lexical[qi]
             if mode == "bm25":
                 out.append(apply_edit_boost(bm25, edit_boost, top_k))
                 continue
-            fetched = self._fetch(searcher, [pid for pid, _ in dense_hits[qi]])
+            known = {p.id: p for p in bm25}  # dense hits BM25 already loaded are not fetched again
+            fetched = self._fetch(searcher, [pid for pid, _ in dense_hits[qi] if pid not in known])
+            fetched.update(known)
             if mode == "dense":
                 ranked = [(pid, s) for pid, s in dense_hits[qi] if pid in fetched]
                 backend = "dense"
             else:
-                fetched.update({p.id: p for p in bm25})
                 ranked = reciprocal_rank_fusion([[p.id for p in bm25], [pid for pid, _ in dense_hits[qi]
                                                                         if pid in fetched]], k=self.settings.rrf_k)
                 backend = "hybrid"

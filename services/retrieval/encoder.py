@@ -162,7 +162,7 @@ class OnnxEncoder:
     """
 
     def __init__(self, path: Path | None = None, batch_size: int = 64, max_seq_length: int = 128,
-                 cache_dir: Path | None = None, quantize: bool = False, threads: int = 0):
+                 cache_dir: Path | None = None, quantize: bool = False, threads: int = 0, spinning: bool = False):
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
@@ -179,6 +179,7 @@ class OnnxEncoder:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         self.session = ort.InferenceSession(str(self.onnx_path), options, providers=["CPUExecutionProvider"])
         self.tokenizer = Tokenizer.from_file(str(self.path / "tokenizer.json"))
         self.tokenizer.enable_truncation(max_seq_length)
@@ -226,5 +227,6 @@ def load_encoder(settings) -> object:
     kwargs = {"path": settings.encoder_path, "batch_size": settings.encode_batch_size,
               "max_seq_length": settings.encode_max_tokens}
     if settings.encoder_runtime != "torch":
-        kwargs.update(cache_dir=settings.encoder_cache_dir, threads=settings.encode_threads)
+        kwargs.update(cache_dir=settings.encoder_cache_dir, threads=settings.encode_threads,
+                      spinning=settings.encode_spinning)
     return factory(**kwargs)

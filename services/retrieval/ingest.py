@@ -118,8 +118,9 @@ def ingest(path: Path, upsert: Callable[[list[Document]], UpsertResult], *, batc
                                 passages_per_s=round(report.passages / max(time.monotonic() - started, 1e-9)))
         flush()
     took = time.monotonic() - started
+    rate = round(report.passages / max(took, 1e-9))
     log.info("ingest done", extra={"documents": report.documents, "passages": report.passages,
-                                   "seconds": round(took, 1), "passages_per_s": round(report.passages / max(took, 1e-9))})
+                                   "seconds": round(took, 1), "passages_per_s": rate})
     return report
 
 
