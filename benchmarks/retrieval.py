@@ -326,17 +326,25 @@ def main() -> None:
     encoder = DerivingEncoder(load_encoder(base_settings))
     t0 = time.perf_counter()
     texts = [passage_text(d) for d in real]
-    desc = f"embedding the real leads ({base_settings.encoder_runtime})"
-    with progress(total=len(texts), unit="passage", desc=desc) as bar:
-        chunks = []
-        for i in range(0, len(texts), 512):
-            chunks.append(encoder.encoder.encode(texts[i: i + 512]))
-            bar.update(len(texts[i: i + 512]))
-    encoder.vectors = np.concatenate(chunks)
+    key = f"{encoder.identity}-{base_settings.encoder_runtime}-{len(texts)}"
+    cached = ROOT / ".knowserve" / "cache" / "bench" / f"real-leads-{key}.npy"
+    if cached.exists():  # the leads' embeddings of an earlier run with the same encoder
+        encoder.vectors = np.load(cached)
+        print(f"real leads: {len(real):,} embeddings from {cached}", flush=True)
+    else:
+        desc = f"embedding the real leads ({base_settings.encoder_runtime})"
+        with progress(total=len(texts), unit="passage", desc=desc) as bar:
+            chunks = []
+            for i in range(0, len(texts), 512):
+                chunks.append(encoder.encoder.encode(texts[i: i + 512]))
+                bar.update(len(texts[i: i + 512]))
+        encoder.vectors = np.concatenate(chunks)
+        embed_s = time.perf_counter() - t0
+        print(f"real leads: {len(real):,} embedded in {embed_s:.0f} s ({len(real) / embed_s:.0f} passages/s, "
+              f"{base_settings.encoder_runtime})", flush=True)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        np.save(cached, encoder.vectors)
     encoder.real = {t: i for i, t in enumerate(texts)}
-    embed_s = time.perf_counter() - t0
-    print(f"real leads: {len(real):,} embedded in {embed_s:.0f} s ({len(real) / embed_s:.0f} passages/s, "
-          f"{base_settings.encoder_runtime})", flush=True)
     fidelity = derivation_fidelity(real, encoder)
     print(f"derived vectors vs real embeddings of the derived texts: mean cosine {fidelity:.3f}", flush=True)
 
@@ -379,7 +387,10 @@ def main() -> None:
 
 
 def report(results: list[dict], fidelity: float) -> None:
-    print(f"\n{'passages':>10s} {'build s':>8s} {'disk GiB':>8s} {'RSS GiB':>8s} {'start s':>7s} "
+    s = RetrievalSettings()
+    print(f"\nHNSW M={s.ann_m} ef_construction={s.ann_ef_construction} ef_search={s.ann_ef_search} "
+          f"rescore={s.ann_rescore}x, encoder {s.encoder_runtime}")
+    print(f"{'passages':>10s} {'build s':>8s} {'disk GiB':>8s} {'RSS GiB':>8s} {'start s':>7s} "
           f"{'BM25 p50/p99':>13s} {'dense p50/p99':>14s} {'hybrid p50/p99':>15s} {'recall@10':>9s}")
     for r in results:
         g = r["grpc"]
@@ -406,6 +417,10 @@ def report(results: list[dict], fidelity: float) -> None:
         print(f"  embedded BM25 vs the strongest baseline ({best_name}): {ours / best:.2f}x "
               f"{'PASS' if ours >= 5 * best else 'MISS'} (target >= 5x)")
         print(f"  one query per call (the service's case): {r['bm25_qps_1'] / per_call:.2f}x the best bm25s set-up")
+    first = results[0]
+    if first["passages"] <= 150_000:
+        h = first["grpc"]["hybrid"][0]
+        print(f"  target at {first['passages']:,}: hybrid p50 <= 5 ms {h:.2f} {'PASS' if h <= 5 else 'MISS'}")
     g = r["grpc"]
     print(f"  targets here: BM25 p50 <= 5 ms {g['bm25'][0]:.2f} {'PASS' if g['bm25'][0] <= 5 else 'MISS'}; "
           f"hybrid p50 "

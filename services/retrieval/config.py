@@ -42,7 +42,10 @@ class RetrievalSettings(ServiceSettings):
                               "exact search is as fast and needs no index.")
     ann_m: int = Field(16, ge=4, le=128, description="HNSW neighbours per node (memory and recall grow with it).")
     ann_ef_construction: int = Field(128, ge=8, description="HNSW candidate list while building.")
-    ann_ef_search: int = Field(96, ge=8, description="HNSW candidate list per query (recall vs latency).")
+    ann_ef_search: int = Field(512, ge=8, description="HNSW candidate list per query (recall vs latency; "
+                               "measured at 300k: 96 -> recall@10 0.82, 512 -> 0.97 at ~1.2 ms a query).")
+    ann_rescore: int = Field(4, ge=1, description="The graph returns this many times k candidates, re-scored "
+                             "with the stored float32 vectors (1 = the int8 scores as they are).")
     ann_exact_below: int = Field(20_000, ge=0, description="A filtered dense search whose filter leaves at most this "
                                  "many rows is answered exactly over those rows instead of through the graph.")
     ann_save_every: int = Field(50_000, ge=1, description="Rows added between saves of the HNSW index (rows not "
@@ -88,10 +91,5 @@ class RetrievalSettings(ServiceSettings):
             raise ValueError(
                 f"KNOWSERVE_RETRIEVAL_DEFAULT_MODE={self.default_mode} needs dense vectors: "
                 "set KNOWSERVE_RETRIEVAL_DENSE=true or KNOWSERVE_RETRIEVAL_DEFAULT_MODE=bm25"
-            )
-        if self.backend == "elasticsearch" and self.dense:
-            raise ValueError(
-                "dense/hybrid search is not implemented on the elasticsearch backend yet: "
-                "set KNOWSERVE_RETRIEVAL_DENSE=false and KNOWSERVE_RETRIEVAL_DEFAULT_MODE=bm25"
             )
         return self

@@ -106,6 +106,7 @@ class DenseStore:
         self.rows_path = folder / "rows.jsonl"
         self._check_meta()
         self.ann = None
+        self._fd: int | None = None  # read-only descriptor of vectors.f32 for re-scoring reads
         self._reset()
         self._load()
 
@@ -279,6 +280,7 @@ class DenseStore:
             return
         os.truncate(self.rows_path, batch.offset)
         os.truncate(self.vectors_path, batch.first_row * 4 * self.dim)
+        self.close()
         ann, self.ann = self.ann, None
         self._reset()
         self._load()
@@ -299,6 +301,11 @@ class DenseStore:
         """Save the ANN index if rows were added since its last save."""
         if self.ann is not None and self.ann.unsaved:
             self.ann.save()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     # ---- search --------------------------------------------------------------------------------------------
     def _mask(self, filters: Sequence[SearchFilter]) -> np.ndarray | None:
@@ -345,13 +352,28 @@ class DenseStore:
         k = min(n, n_allowed)
         if self.ann is None or (filters and n_allowed <= self.settings.ann_exact_below):
             return self._exact(qvecs, k, mask)
-        scores, rows = self.ann.search(qvecs, k, mask)  # [n_queries, k] each, row -1 = no more
+        candidates = min(n_allowed, k * self.settings.ann_rescore)
+        _scores, rows = self.ann.search(qvecs, candidates, mask)  # [n_queries, candidates], row -1 = no more
         out = []
         for qi in range(len(qvecs)):
-            hits = [(self.ids[r], float(s)) for s, r in zip(scores[qi], rows[qi]) if r >= 0]
-            if len(hits) < k:  # the graph walk ran out of allowed rows: answer this query exactly
-                hits = self._exact(qvecs[qi: qi + 1], k, mask)[0]
-            out.append(hits)
+            found = rows[qi][rows[qi] >= 0]  # [n_found]
+            if len(found) < k:  # the graph walk ran out of allowed rows: answer this query exactly
+                out.append(self._exact(qvecs[qi: qi + 1], k, mask)[0])
+                continue
+            exact = self.read_rows(found) @ qvecs[qi]  # [n_found]: float32 cosines instead of the int8 ones
+            top = np.argsort(-exact)[:k]
+            out.append([(self.ids[found[t]], float(exact[t])) for t in top])
+        return out
+
+    def read_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Stored vectors of ``rows`` ``[len(rows), dim]`` read with ``pread``: a few scattered rows per query go
+        through the page cache without being mapped, so they do not pile up in the process's resident memory."""
+        size = 4 * self.dim
+        out = np.empty((len(rows), self.dim), dtype=np.float32)
+        if self._fd is None:
+            self._fd = os.open(self.vectors_path, os.O_RDONLY)
+        for i, r in enumerate(rows):
+            out[i] = np.frombuffer(os.pread(self._fd, size, int(r) * size), dtype=np.float32)
         return out
 
     @property
@@ -552,6 +574,7 @@ class EmbeddedBackend:
         with self.lock:
             if self.dense is not None:
                 self.dense.flush()
+                self.dense.close()
             if self.writer is not None:
                 self.writer.wait_merging_threads()  # consumes the writer
                 self.writer = None

@@ -67,16 +67,16 @@ class RetrievalServicer(pb_grpc.RetrievalServiceServicer):
 
 def build_backend(settings: RetrievalSettings, encoder=None):
     """The configured backend; loads the encoder when dense vectors are on (or uses the one given)."""
-    if settings.backend == "elasticsearch":
-        from services.retrieval.elastic import ElasticsearchBackend
-
-        return ElasticsearchBackend(settings)
-    from services.retrieval.embedded import EmbeddedBackend
-
     if settings.dense and encoder is None:
         from services.retrieval.encoder import load_encoder
 
         encoder = load_encoder(settings)
+    if settings.backend == "elasticsearch":
+        from services.retrieval.elastic import ElasticsearchBackend
+
+        return ElasticsearchBackend(settings, encoder if settings.dense else None)
+    from services.retrieval.embedded import EmbeddedBackend
+
     return EmbeddedBackend(settings, encoder if settings.dense else None)
 
 

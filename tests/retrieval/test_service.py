@@ -162,10 +162,3 @@ async def test_elasticsearch_backend_against_osmem(start_retrieval, osmem_url):
     with pytest.raises(RemoteError) as err:
         await r.client.call("Search", pb.SearchRequest(queries=["x"], mode=pb.SEARCH_MODE_DENSE))
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "dense" in str(err.value)
-
-
-def test_settings_refuse_dense_on_elasticsearch_with_the_fix():
-    from services.retrieval.config import RetrievalSettings
-
-    with pytest.raises(ValueError, match="KNOWSERVE_RETRIEVAL_DENSE=false"):
-        RetrievalSettings(backend="elasticsearch")
