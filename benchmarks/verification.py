@@ -1,5 +1,6 @@
 """Verification benchmark: claims/s per judge at batch 32 on CPU, and label accuracy of each judge on a held-out
-VitaminC slice and on HaluEval-QA, beside the majority-class and length-only baselines, in the same run.
+VitaminC slice, on HaluEval-QA and on a contrastive claim set over quantities, dates and places, beside the
+majority-class and length-only baselines, in the same run; expected calibration error and a reliability diagram.
 
     .venv/bin/python benchmarks/verification.py                          # uses/trains .knowserve/models/verifier
     .venv/bin/python benchmarks/verification.py --nli-model DIR --vitaminc 1000 --halueval 500
@@ -11,6 +12,9 @@ VitaminC slice and on HaluEval-QA, beside the majority-class and length-only bas
   "<question> <answer>" against the question's knowledge passage; an answer is called right iff its verdict is
   SUPPORTED. Only length-matched pairs (word counts within --length-slack) are kept: answer length alone
   separates the two answers ~97% of the time on the full set.
+* Contrastive (:mod:`services.verification.contrastive`): claims made from the Wikipedia leads' sentences — a
+  quantity in another unit or bounded, a date in another form (SUPPORTED), a value, date or place changed
+  (REFUTED), another article's fact (NOT_ENOUGH_INFO) — from held-out articles only, gold lead as evidence.
 * Baselines: majority class; length-only = the best threshold on claim length (in words), fit on a separate
   slice of the same data.
 """
@@ -106,6 +110,81 @@ def judge_accuracy(judge, items, binary: bool, batch: int = 32) -> tuple[float, 
     return correct / len(items), len(items) / seconds
 
 
+def contrastive_items(n_per_kind: int, seed: int) -> tuple[list[tuple[str, Passage, str]], list]:
+    """The contrastive set over quantities, dates and places (:mod:`services.verification.contrastive`), from the
+    held-out articles of the demo corpus's Wikipedia leads: (items, the ClaimItems behind them)."""
+    from services.retrieval.demo_corpus import build_wiki_corpus
+    from services.verification import contrastive
+
+    corpus = ROOT / ".knowserve/data/wiki.jsonl"
+    if not corpus.exists():
+        build_wiki_corpus(corpus, ROOT / ".cache/packages")
+    leads = [json.loads(line) for line in corpus.open()]
+    _train, held = contrastive.split_by_article(contrastive.build(leads, seed=seed), 0.5, seed=seed)
+    rng = random.Random(seed)
+    rng.shuffle(held)
+    counts: Counter = Counter()
+    kept = []
+    for it in held:
+        if counts[(it.kind, it.label)] < n_per_kind:
+            counts[(it.kind, it.label)] += 1
+            kept.append(it)
+    return [(it.claim, passage(it.article, it.evidence, it.title), it.label) for it in kept], kept
+
+
+def verdicts_of(judge, items, batch: int = 32):
+    out = []
+    for i in range(0, len(items), batch):
+        chunk = items[i: i + batch]
+        out += judge.judge([c for c, _, _ in chunk], [[p] for _, p, _ in chunk])
+    return out
+
+
+def calibration(verdicts, golds, bins: int = 10) -> tuple[float, list[tuple[float, float, int]]]:
+    """(expected calibration error, per-bin (mean confidence, accuracy, count)) of each verdict's score taken as
+    the probability that its label is right.
+
+    >>> from services.verification.judges import Verdict
+    >>> round(calibration([Verdict("SUPPORTED", 0.9), Verdict("REFUTED", 0.9)], ["SUPPORTED", "SUPPORTED"])[0], 3)
+    0.4
+    """
+    rows: list[list[tuple[float, bool]]] = [[] for _ in range(bins)]
+    for v, g in zip(verdicts, golds):
+        rows[min(bins - 1, int(v.score * bins))].append((v.score, v.label == g))
+    total = sum(len(r) for r in rows)
+    ece, table = 0.0, []
+    for r in rows:
+        if r:
+            conf = sum(c for c, _ in r) / len(r)
+            acc = sum(ok for _, ok in r) / len(r)
+            ece += abs(acc - conf) * len(r) / total
+            table.append((conf, acc, len(r)))
+    return ece, table
+
+
+def reliability_plot(tables: dict[str, list[tuple[float, float, int]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.2, 5))
+    ax.plot([0, 1], [0, 1], ":", color="grey", label="perfectly calibrated")
+    for name, table in tables.items():
+        ax.plot([c for c, _, _ in table], [a for _, a, _ in table], "o-", label=name)
+        for c, a, n in table:
+            ax.annotate(str(n), (c, a), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    ax.set_xlabel("verdict score (confidence in its label)")
+    ax.set_ylabel("fraction of verdicts that are right")
+    ax.set_title("Reliability of verdict scores\n(contrastive set, gold evidence; n per point)")
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nli-model", type=Path, default=ROOT / ".knowserve/models/verifier")
@@ -115,48 +194,92 @@ def main() -> None:
     parser.add_argument("--length-slack", type=int, default=1, help="max word-count gap of a matched pair")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--contrastive", type=int, default=60, help="held-out contrastive items per kind and label")
+    parser.add_argument("--no-nli", action="store_true", help="lexical judge only (no verifier to load or train)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plot", type=Path, default=ROOT / "benchmarks/results/verification/reliability.png")
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
-    if not (args.nli_model / "knowserve_verifier.json").exists():
-        from services.retrieval.demo_corpus import build_wiki_corpus
+    judges = {"lexical": LexicalJudge()}
+    results: dict = {}
+    model = None
+    if not args.no_nli:
+        if not (args.nli_model / "knowserve_verifier.json").exists():
+            from services.retrieval.demo_corpus import build_wiki_corpus
 
-        corpus = ROOT / ".knowserve/data/wiki.jsonl"
-        if not corpus.exists():
-            build_wiki_corpus(corpus, ROOT / ".cache/packages")
-        print(f"no verifier at {args.nli_model}: training one ({args.train_seconds:.0f}s budget)")
-        nli.train_verifier(nli.TrainVerifierConfig(out_dir=args.nli_model, corpus_jsonl=corpus, layers=3,
-                                                   time_budget_seconds=args.train_seconds, cache=ROOT / ".cache"))
-    model = nli.CrossEncoder(args.nli_model)
-    judges = {"lexical": LexicalJudge(), "nli": NliJudge(model)}
-    results: dict = {"nli_model": str(args.nli_model), "nli_training": model.report}
+            corpus = ROOT / ".knowserve/data/wiki.jsonl"
+            if not corpus.exists():
+                build_wiki_corpus(corpus, ROOT / ".cache/packages")
+            print(f"no verifier at {args.nli_model}: training one ({args.train_seconds:.0f}s budget)")
+            nli.train_verifier(nli.TrainVerifierConfig(out_dir=args.nli_model, corpus_jsonl=corpus, layers=3,
+                                                       time_budget_seconds=args.train_seconds, cache=ROOT / ".cache"))
+        model = nli.CrossEncoder(args.nli_model)
+        judges["nli"] = NliJudge(model)
+        results.update(nli_model=str(args.nli_model), nli_training=model.report)
 
-    vc, vc_fit = vitaminc_items(args.nli_model, args.vitaminc)
+    datasets = []
+    if model is not None and nli.bigbench_available(ROOT / ".cache"):
+        vc, vc_fit = vitaminc_items(args.nli_model, args.vitaminc)
+        datasets.append(("vitaminc", vc, vc_fit, False))
+    else:
+        print("VitaminC: skipped (BIG-bench 1.0.0, its source, is no longer served by the package index, or no nli "
+              "model)")
     halu, halu_fit = halueval_items(args.halueval, args.length_slack)
-    for name, items, fit, binary in (("vitaminc", vc, vc_fit, False), ("halueval_qa", halu, halu_fit, True)):
+    datasets.append(("halueval_qa", halu, halu_fit, True))
+    con, con_items = contrastive_items(args.contrastive, args.seed)
+    datasets.append(("contrastive", con, [], False))
+    for name, items, fit, binary in datasets:
         gold = [g for _, _, g in items]
         row = {"items": len(items),
                "majority_class": Counter(gold).most_common(1)[0][1] / len(gold),
-               "length_only": length_baseline(fit, [(c, g) for c, _, g in items])}
+               "length_only": length_baseline(fit, [(c, g) for c, _, g in items]) if fit else float("nan")}
         for jname, judge in judges.items():
             acc, cps = judge_accuracy(judge, items, binary)
             row[jname] = acc
             results.setdefault("claims_per_second_batch32", {}).setdefault(jname, []).append(cps)
+            results.setdefault("claims_per_second_by_dataset", {}).setdefault(jname, {})[name] = cps
         results[name] = row
+
+    tables = {}
+    for jname, judge in judges.items():
+        verdicts = verdicts_of(judge, con)
+        ece, table = calibration(verdicts, [g for _, _, g in con])
+        tables[f"{jname} (ECE {ece:.3f})"] = table
+        results.setdefault("calibration_ece", {})[jname] = ece
+        by_kind = Counter()
+        right = Counter()
+        for v, it in zip(verdicts, con_items):
+            by_kind[(it.kind, it.label)] += 1
+            right[(it.kind, it.label)] += v.label == it.label
+        results.setdefault("contrastive_by_kind", {})[jname] = {f"{k}/{lab}": right[(k, lab)] / n
+                                                                for (k, lab), n in sorted(by_kind.items())}
+    args.plot.parent.mkdir(parents=True, exist_ok=True)
+    reliability_plot(tables, args.plot)
 
     cps = {k: sum(v) / len(v) for k, v in results["claims_per_second_batch32"].items()}
     results["claims_per_second_batch32"] = cps
-    print(f"\nnli verifier: {args.nli_model} (trained {model.report.get('steps', '?')} steps, "
-          f"{model.report.get('seconds', '?')} s; its own held-out accuracy {model.report.get('heldout_accuracy', 0):.3f}"
-          f" vs majority {model.report.get('majority_accuracy', 0):.3f})")
-    print(f"{'dataset':14s} {'items':>6s} {'majority':>9s} {'length':>7s} {'lexical':>8s} {'nli':>6s}")
-    for name in ("vitaminc", "halueval_qa"):
+    if model is not None:
+        print(f"\nnli verifier: {args.nli_model} (trained {model.report.get('steps', '?')} steps, "
+              f"{model.report.get('seconds', '?')} s; its own held-out accuracy "
+              f"{model.report.get('heldout_accuracy', 0):.3f} vs majority "
+              f"{model.report.get('majority_accuracy', 0):.3f})")
+    names = list(judges)
+    print(f"\n{'dataset':14s} {'items':>6s} {'majority':>9s} {'length':>7s} " + " ".join(f"{n:>8s}" for n in names))
+    for name, *_ in datasets:
         r = results[name]
-        print(f"{name:14s} {r['items']:6d} {r['majority_class']:9.3f} {r['length_only']:7.3f} {r['lexical']:8.3f} "
-              f"{r['nli']:6.3f}")
-    print("claims/s at batch 32 (CPU, %d threads): " % args.threads
+        print(f"{name:14s} {r['items']:6d} {r['majority_class']:9.3f} {r['length_only']:7.3f} "
+              + " ".join(f"{r[n]:8.3f}" for n in names))
+    print("claims/s at batch 32 (CPU, %d threads), mean over the datasets: " % args.threads
           + ", ".join(f"{k} {v:,.0f}" for k, v in cps.items()))
+    for jname, per in results["claims_per_second_by_dataset"].items():
+        print(f"  {jname}: " + ", ".join(f"{d} {v:,.0f}" for d, v in per.items()))
+    for jname, kinds in results["contrastive_by_kind"].items():
+        print(f"contrastive, {jname}, accuracy by kind/label: "
+              + ", ".join(f"{k} {v:.2f}" for k, v in kinds.items()))
+    print("expected calibration error (contrastive): "
+          + ", ".join(f"{k} {v:.3f}" for k, v in results["calibration_ece"].items()) + f"; diagram {args.plot}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from services.retrieval.core import STOPWORDS, Passage
+from services.verification.normalise import DATE_TOKEN, DIMENSION_WORDS, Quantity, agrees, mark_dates, quantities
 
 SUPPORTED, REFUTED, NOT_ENOUGH_INFO = "SUPPORTED", "REFUTED", "NOT_ENOUGH_INFO"
 
@@ -35,7 +36,7 @@ class Judge(Protocol):
         """One verdict per claim; ``evidence[i]`` are claim i's passages, best first."""
 
 
-_TOKEN = re.compile(r"\d[\d,]*(?:\.\d+)?|[^\W\d_]+(?:['’][^\W\d_]+)?", re.UNICODE)
+_TOKEN = re.compile(rf"{DATE_TOKEN}\d+|\d[\d,]*(?:\.\d+)?|[^\W\d_]+(?:['’][^\W\d_]+)?", re.UNICODE)
 _EXTRA_STOP = {"he", "she", "his", "her", "its", "also", "has", "had", "have", "were", "been", "which", "who",
                "from", "about", "than", "over", "after", "before", "during", "s"}
 _NUMBER_WORDS = {"zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
@@ -45,8 +46,8 @@ _NUMBER_WORDS = {"zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
 
 @dataclass(frozen=True)
 class _Tok:
-    norm: str  # lowercase word, or the number without separators
-    kind: str  # "num", "name" (capitalized, not sentence-initial unless multiword/unknown) or "word"
+    norm: str  # lowercase word, the number without separators, or a date token (``ksdateYYYYMMDD``)
+    kind: str  # "num", "date", "name" (capitalized, not sentence-initial unless multiword/unknown) or "word"
 
 
 def _stem(word: str) -> str:
@@ -60,6 +61,9 @@ def _tokens(text: str) -> list[_Tok]:
     out: list[_Tok] = []
     for i, m in enumerate(_TOKEN.finditer(text)):
         raw = m.group()
+        if raw.startswith(DATE_TOKEN):
+            out.append(_Tok(raw, "date"))
+            continue
         if raw[0].isdigit():
             out.append(_Tok(raw.replace(",", "").rstrip("."), "num"))
             continue
@@ -75,6 +79,38 @@ def _tokens(text: str) -> list[_Tok]:
 
 def _content(toks: Sequence[_Tok]) -> list[_Tok]:
     return [t for t in toks if t.kind != "word" or (t.norm not in STOPWORDS and t.norm not in _EXTRA_STOP)]
+
+
+@dataclass(frozen=True)
+class _Text:
+    """A claim or passage ready for the lexical judge: its quantities, and tokens of the rest (dates marked)."""
+
+    tokens: list[_Tok]
+    quantities: tuple[Quantity, ...]
+
+
+def _prepare(text: str, with_quantities: bool = True) -> _Text:
+    """Quantities found and cut out of the text (they are compared by value, not by token), dates marked.
+    ``with_quantities=False``: tokens of the whole text (a passage read for a claim without quantities)."""
+    qs = quantities(text) if with_quantities else ()
+    rest = text
+    for q in sorted(qs, key=lambda q: -q.start):
+        rest = rest[: q.start] + " " + rest[q.end:]
+    return _Text(_tokens(mark_dates(rest)), qs)
+
+
+def _quantity_status(claim: Sequence[Quantity], passage: Sequence[Quantity]) -> list[bool | None]:
+    """Per claim quantity: True (a passage quantity bears it out), False (the passage has comparable ones, none
+    does), None (nothing comparable in the passage)."""
+    out = []
+    for cq in claim:
+        comparable = [(pq, r) for pq in passage if (r := agrees(cq, pq)) is not None]
+        # the passage's quantity that is the claim's: the one whose surrounding words it shares most ("lasted",
+        # "population"), so "more than 60 million years" is not borne out by an unrelated larger time
+        best = max((len(cq.context & pq.context) for pq, _ in comparable), default=0)
+        found = [r for pq, r in comparable if len(cq.context & pq.context) == best]
+        out.append(True if any(found) else (False if found else None))
+    return out
 
 
 class LexicalJudge:
@@ -105,17 +141,23 @@ class LexicalJudge:
         self.topic_overlap = topic_overlap
         self.window = window
 
-    def _passage_verdict(self, claim: list[_Tok], passage: list[_Tok], title: str = "") -> Verdict | None:
-        content = _content(claim)
+    def _passage_verdict(self, claim_text: _Text, passage_text: _Text, title: str = "") -> Verdict | None:
+        claim, passage = claim_text.tokens, passage_text.tokens
+        status = _quantity_status(claim_text.quantities, passage_text.quantities)
+        measured = {q.dimension for q, ok in zip(claim_text.quantities, status) if ok}
+        # "long", "deep", "holds": the dimension a matching quantity measures is said by the quantity itself
+        content = [t for t in _content(claim)
+                   if not (t.kind == "word" and any(t.norm in DIMENSION_WORDS.get(d, ()) for d in measured))]
         if not content:
             return None
         have = {t.norm for t in passage}
+        have |= {t.norm[: len(DATE_TOKEN) + 6] for t in passage if t.kind == "date"}  # "July 1934" in "4 July 1934"
         missing = [t for t in content if t.norm not in have]
-        keys_missing = [t for t in missing if t.kind in ("name", "num")]
+        keys_missing = [t for t in missing if t.kind in ("name", "num", "date")]
         overlap = 1 - len(missing) / len(content)
-        if not keys_missing and overlap >= self.support_overlap:
+        if not keys_missing and overlap >= self.support_overlap and all(status):
             return Verdict(SUPPORTED, round(min(1.0, 0.5 + overlap / 2), 4))
-        if not keys_missing:
+        if not keys_missing and False not in status:
             return None
         others = [t for t in content if t not in keys_missing]
         if not others:
@@ -127,6 +169,8 @@ class LexicalJudge:
         topic = sum(t.norm in have for t in others) / len(others)
         if topic < self.topic_overlap:
             return None
+        if False in status:  # the same quantity of the same subject, another value
+            return Verdict(REFUTED, round(min(1.0, 0.5 + topic / 2), 4))
         positions = {}
         for i, t in enumerate(passage):
             positions.setdefault(t.norm, []).append(i)
@@ -146,6 +190,8 @@ class LexicalJudge:
                 near = passage[max(0, pos - self.window): pos + self.window + 1]
                 for t in near:
                     if t.kind == key.kind and t.norm != key.norm and t.norm not in {c.norm for c in claim}:
+                        if key.kind == "date" and len(t.norm) != len(key.norm):
+                            continue  # a month against a full date: neither contradicts the other
                         if key.kind == "num" and _is_year(key.norm) != _is_year(t.norm):
                             continue
                         return True
@@ -153,14 +199,15 @@ class LexicalJudge:
 
     def judge(self, claims: Sequence[str], evidence: Sequence[Sequence[Passage]]) -> list[Verdict]:
         out = []
-        tokenized: dict[tuple[str, str, str], list[_Tok]] = {}  # claims of a batch share passages: tokenize once
+        tokenized: dict[tuple[str, str, str, bool], _Text] = {}  # claims of a batch share passages: prepare once
         for claim, passages in zip(claims, evidence):
-            ctoks = _tokens(claim)
+            ctoks = _prepare(claim)
+            measured = bool(ctoks.quantities)  # passages are searched for quantities only for a claim that has one
             verdict = None
             for p in passages:
-                key = (p.id, p.title, p.text)
+                key = (p.id, p.title, p.text, measured)
                 if key not in tokenized:
-                    tokenized[key] = _tokens(f"{p.title}. {p.text}")
+                    tokenized[key] = _prepare(f"{p.title}. {p.text}", measured)
                 v = self._passage_verdict(ctoks, tokenized[key], p.title)
                 if v is not None:
                     verdict = Verdict(v.label, v.score, (p.id,))
