@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +81,9 @@ class HnswIndex:
         self.index = None
         self.rows = 0  # rows [0, rows) of the store have been offered to the index (live ones added)
         self.unsaved = 0
+        # faiss's HNSW is not safe to search while it is being added to: a knowledge edit landing during live
+        # searches must not walk a half-linked node, so adds, searches and saves take turns
+        self.lock = threading.Lock()
 
     # ---- building ------------------------------------------------------------------------------------------
     def _empty(self):
@@ -100,12 +104,15 @@ class HnswIndex:
 
     def add(self, vectors: np.ndarray, live: np.ndarray, start: int, stop: int, progress=None) -> None:
         """Add the live rows among ``[start, stop)`` (row number = id), in chunks."""
-        self.faiss.omp_set_num_threads(os.cpu_count() or 1)
+        with self.lock:
+            self.faiss.omp_set_num_threads(os.cpu_count() or 1)
         for lo in range(start, stop, 50_000):
             hi = min(stop, lo + 50_000)
             ids = lo + np.flatnonzero(live[lo:hi])  # [k]
             if len(ids):
-                self.index.add_with_ids(np.ascontiguousarray(vectors[ids], dtype=np.float32), ids.astype(np.int64))
+                chunk = np.ascontiguousarray(vectors[ids], dtype=np.float32)
+                with self.lock:
+                    self.index.add_with_ids(chunk, ids.astype(np.int64))
             if progress is not None:
                 progress(hi - lo)
         self.unsaved += max(0, stop - max(start, self.rows))
@@ -127,8 +134,10 @@ class HnswIndex:
             selector = f.IDSelectorBitmap(len(allowed), f.swig_ptr(bits))
             params.sel = selector
         # a walk per query is short: OpenMP threads for a handful of queries only contend with the encoder's pool
-        f.omp_set_num_threads(1 if len(qvecs) < 8 else (os.cpu_count() or 1))
-        scores, rows = self.index.search(np.ascontiguousarray(qvecs, dtype=np.float32), k, params=params)
+        queries = np.ascontiguousarray(qvecs, dtype=np.float32)
+        with self.lock:
+            f.omp_set_num_threads(1 if len(qvecs) < 8 else (os.cpu_count() or 1))
+            scores, rows = self.index.search(queries, k, params=params)
         return scores, rows
 
     # ---- persistence ---------------------------------------------------------------------------------------
@@ -136,7 +145,8 @@ class HnswIndex:
         """Atomically replace ``ann.faiss``, then ``ann.json`` naming what it holds."""
         if self.index is None:
             return
-        data = self.faiss.serialize_index(self.index).tobytes()
+        with self.lock:
+            data = self.faiss.serialize_index(self.index).tobytes()
         _fsync_write(self.folder / INDEX_FILE, data)
         meta = {"rows": self.rows, "indexed": self.indexed, "dim": self.dim, "encoder": self.encoder,
                 "m": self.m, "bytes": len(data)}

@@ -149,6 +149,40 @@ def test_knowledge_edit_is_visible_to_the_next_dense_search_on_the_graph(tmp_pat
     core.backend.close()
 
 
+def test_searches_during_writes_on_the_graph(tmp_path, encoder):
+    """Knowledge edits land while other threads search the HNSW graph (as the service does): no crash, no error,
+    and every write is visible to the next search."""
+    import threading
+
+    s = hybrid_settings(tmp_path)
+    core = RetrievalCore(s, EmbeddedBackend(s, encoder))
+    core.upsert(docs(0, 40))
+    stop, errors, searches = threading.Event(), [], [0]
+
+    def reader():
+        while not stop.is_set():
+            try:
+                core.search(["a short note about rivers"], 5, mode="hybrid")
+                searches[0] += 1
+            except Exception as exc:  # noqa: BLE001 - any failure is the finding
+                errors.append(repr(exc))
+
+    threads = [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for i in range(40, 140, 5):
+        core.upsert(docs(i, i + 5))
+        hit = core.search([f"Article {i + 2} is a short note"], 1, mode="dense",
+                          filters=[SearchFilter("document_id", (f"d{i + 2}",))])[0]
+        assert [p.document_id for p in hit] == [f"d{i + 2}"]
+    stop.set()
+    for t in threads:
+        t.join()
+    assert errors == [] and searches[0] > 0
+    assert core.backend.dense.ann.indexed == 140
+    core.backend.close()
+
+
 def test_dense_write_whose_bm25_commit_never_happened_is_dropped(tmp_path, encoder):
     s = hybrid_settings(tmp_path)
     backend = EmbeddedBackend(s, encoder)
