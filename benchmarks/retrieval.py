@@ -276,6 +276,15 @@ def derivation_fidelity(real: list[Document], enc: DerivingEncoder, n: int = 200
     return float((derived * truth).sum(1).mean())
 
 
+def _against_size(ax, ylabel: str, title: str) -> None:
+    ax.set_xscale("log")
+    ax.set_xlabel("passages")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+
+
 def plot(results: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -287,21 +296,11 @@ def plot(results: list[dict], path: Path) -> None:
     for mode, colour in (("bm25", "tab:blue"), ("dense", "tab:green"), ("hybrid", "tab:red")):
         ax1.plot(sizes, [r["grpc"][mode][0] for r in results], "o-", color=colour, label=f"{mode} p50")
         ax1.plot(sizes, [r["grpc"][mode][1] for r in results], "o--", color=colour, label=f"{mode} p99")
-    ax1.set_xscale("log")
-    ax1.set_xlabel("passages")
-    ax1.set_ylabel("gRPC Search latency, top-10 (ms)")
-    ax1.set_title("Latency against corpus size")
-    ax1.legend(fontsize=8)
-    ax1.grid(alpha=0.3)
+    _against_size(ax1, "gRPC Search latency, top-10 (ms)", "Latency against corpus size")
     ax2.plot(sizes, [r["grpc"]["rss_gib"] for r in results], "o-", label="serving process RSS")
     ax2.plot(sizes, [r["disk_gib"] for r in results], "s-", label="index on disk")
     ax2.axhline(3, color="grey", ls=":", label="3 GiB target (1M)")
-    ax2.set_xscale("log")
-    ax2.set_xlabel("passages")
-    ax2.set_ylabel("GiB")
-    ax2.set_title("Memory and disk against corpus size")
-    ax2.legend(fontsize=8)
-    ax2.grid(alpha=0.3)
+    _against_size(ax2, "GiB", "Memory and disk against corpus size")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

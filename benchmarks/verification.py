@@ -121,14 +121,8 @@ def contrastive_items(n_per_kind: int, seed: int) -> tuple[list[tuple[str, Passa
         build_wiki_corpus(corpus, ROOT / ".cache/packages")
     leads = [json.loads(line) for line in corpus.open()]
     _train, held = contrastive.split_by_article(contrastive.build(leads, seed=seed), 0.5, seed=seed)
-    rng = random.Random(seed)
-    rng.shuffle(held)
-    counts: Counter = Counter()
-    kept = []
-    for it in held:
-        if counts[(it.kind, it.label)] < n_per_kind:
-            counts[(it.kind, it.label)] += 1
-            kept.append(it)
+    random.Random(seed).shuffle(held)
+    kept = contrastive.cap_per_kind(held, n_per_kind)
     return [(it.claim, passage(it.article, it.evidence, it.title), it.label) for it in kept], kept
 
 

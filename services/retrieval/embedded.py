@@ -571,6 +571,7 @@ class EmbeddedBackend:
 
     def close(self) -> None:
         """Finish merges and release the index lock; idempotent."""
+        self._encode_pool.shutdown(wait=True)
         with self.lock:
             if self.dense is not None:
                 self.dense.flush()

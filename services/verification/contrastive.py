@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 
 from services.verification.judges import NOT_ENOUGH_INFO, REFUTED, SUPPORTED
-from services.verification.normalise import _to_base, quantities
+from services.verification.normalise import NUMBER, quantities, to_base
 
 _SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 _FULL_DATE = re.compile(r"\b(?P<d>[12]\d|3[01]|0?[1-9]) (?P<m>January|February|March|April|May|June|July|August|"
@@ -60,7 +60,7 @@ def _quantity_items(sentence: str, rng: random.Random) -> list[tuple[str, str]]:
         if q.relation != "=" or q.dimension in ("dimensionless", "currency"):
             continue
         surface = sentence[q.start: q.end]
-        num = re.match(r"\d[\d,]*(?:\.\d+)?", surface)  # the number first: not "US$48", not "five km"
+        num = NUMBER.match(surface)  # the number first: not "US$48", not "five km"
         if not num or re.match(r"\s*\(\s*\d", sentence[q.end:]):
             continue  # a conversion in brackets after it ("800 km (500 mi)") would state the value twice
         written = float(num.group().replace(",", ""))
@@ -70,7 +70,7 @@ def _quantity_items(sentence: str, rng: random.Random) -> list[tuple[str, str]]:
         unit_text = unit_text if unit_text.startswith("-") else " " + unit_text.strip()
         if q.unit in _OTHER_UNIT:
             words, pint_name = _OTHER_UNIT[q.unit]
-            per_unit, _ = _to_base(1.0, pint_name)
+            per_unit, _ = to_base(1.0, pint_name)
             other = q.value / per_unit
             out.append((sentence[: q.start] + f"about {_fmt(other)} {words}" + sentence[q.end:], SUPPORTED))
         out.append((sentence[: q.start] + f"more than {_fmt(written * 0.9)}{unit_text}" + sentence[q.end:],
@@ -98,8 +98,8 @@ def _date_items(sentence: str, rng: random.Random) -> list[tuple[str, str]]:
     return out
 
 
-def build(leads: list[dict], seed: int = 0, per_kind: int | None = None) -> list[ClaimItem]:
-    """Claim items from leads (``{"id", "title", "text"}``); at most ``per_kind`` of each kind and label."""
+def build(leads: list[dict], seed: int = 0) -> list[ClaimItem]:
+    """Claim items from leads (``{"id", "title", "text"}``), shuffled."""
     rng = random.Random(seed)
     places = [m.group("place") for lead in leads for m in _PLACE.finditer(lead["text"])]
     items: list[ClaimItem] = []
@@ -126,16 +126,24 @@ def build(leads: list[dict], seed: int = 0, per_kind: int | None = None) -> list
         claim = first.replace(other["title"], lead["title"], 1)
         items.append(ClaimItem(claim, lead["title"], lead["text"], NOT_ENOUGH_INFO, "unrelated", lead["id"]))
     rng.shuffle(items)
-    if per_kind is not None:
-        counts: dict[tuple[str, str], int] = {}
-        kept = []
-        for it in items:
-            key = (it.kind, it.label)
-            if counts.get(key, 0) < per_kind:
-                counts[key] = counts.get(key, 0) + 1
-                kept.append(it)
-        items = kept
     return items
+
+
+def cap_per_kind(items: list[ClaimItem], n: int) -> list[ClaimItem]:
+    """The first ``n`` items of each (kind, label), in order.
+
+    >>> its = [ClaimItem("c", "T", "e", lab, "date", "a") for lab in (SUPPORTED, SUPPORTED, REFUTED)]
+    >>> [i.label for i in cap_per_kind(its, 1)]
+    ['SUPPORTED', 'REFUTED']
+    """
+    counts: dict[tuple[str, str], int] = {}
+    kept = []
+    for it in items:
+        key = (it.kind, it.label)
+        if counts.get(key, 0) < n:
+            counts[key] = counts.get(key, 0) + 1
+            kept.append(it)
+    return kept
 
 
 def split_by_article(items: list[ClaimItem], heldout_fraction: float, seed: int = 0) -> tuple[list, list]:

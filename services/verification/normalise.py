@@ -16,6 +16,7 @@ these functions never raise on text.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
 import logging
 import math
@@ -50,6 +51,7 @@ DIMENSION_WORDS = {
     "temperature": {"temperature", "hot", "cold", "warm", "reach"},
 }
 
+NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?")  # a written number: "23,615", "3.5"
 _SCALE_WORDS = re.compile(r"\b(thousand|million|billion|trillion)\b", re.IGNORECASE)
 
 
@@ -105,12 +107,12 @@ def _parser():
     return parser
 
 
-def _to_base(value: float, unit_name: str) -> tuple[float, str]:
+def to_base(value: float, unit_name: str) -> tuple[float, str]:
     """(value, unit) in base SI units via pint; the written unit when pint does not know it.
 
-    >>> _to_base(346, "kilometre")
+    >>> to_base(346, "kilometre")
     (346000.0, 'meter')
-    >>> _to_base(2, "cubic kilometre")
+    >>> to_base(2, "cubic kilometre")
     (2000000000.0, 'meter ** 3')
     """
     name = unit_name.replace(" per ", "/")
@@ -250,8 +252,8 @@ def _window_quantities(text: str) -> tuple[Quantity, ...]:
                     continue  # a bare count: the token judge compares it exactly
                 base, unit = value, ""
             else:
-                base, unit = _to_base(value, q.unit.name)
-            written = re.search(r"\d[\d,]*(?:\.\d+)?", q.surface)
+                base, unit = to_base(value, q.unit.name)
+            written = NUMBER.search(q.surface)
             res = resolution(written.group(), base) if written else 0.0
             out.append(Quantity(base, unit, dimension, relation, start - back, end, _context(text, start - back, end),
                                 res))
@@ -299,6 +301,7 @@ _DATE = re.compile(
     rf"\b(?:(?P<dmy>{_DAY}\s+(?:of\s+)?{_MONTHS},?\s+{_YEAR})|(?P<mdy>{_MONTHS}\s+{_DAY},?\s+{_YEAR})"
     rf"|(?P<iso>\d{{4}}-\d{{2}}-\d{{2}})|(?P<my>{_MONTHS}\s+{_YEAR}))\b"
 )
+_DEFAULT_DAY = datetime.datetime(2000, 1, 1)  # a month-only date parses to its 1st; the day is not used then
 DATE_TOKEN = "ksdate"  # prefix of the date tokens mark_dates writes; the token judge treats them as dates
 
 
@@ -333,10 +336,3 @@ def mark_dates(text: str) -> str:
         return text
 
 
-def _default_day():
-    import datetime
-
-    return datetime.datetime(2000, 1, 1)
-
-
-_DEFAULT_DAY = _default_day()
