@@ -4,9 +4,10 @@
     knowserve ingest CORPUS.jsonl|.parquet [--target 127.0.0.1:50051 | --data-dir DIR]
     knowserve edit add --id ID --title T --text "corrected fact"    |    knowserve edit rm ID [ID ...]
     knowserve search "who wrote Hamlet" [--top-k 3] [--mode bm25|dense|hybrid]
-    knowserve verify "Marie Curie was born in Warsaw in 1867." [--judge lexical|nli] [--section think]
+    knowserve verify "Marie Curie was born in Warsaw in 1867." [--judge feature|lexical|nli] [--section think]
     knowserve score --recipe knowrl --completion "<think>…</think><answer>Paris</answer>" --gold Paris
     knowserve train-verifier [--out DIR] [--budget-seconds 900] [--layers 3]
+    knowserve train-judge [--out .knowserve/models/judge]           (the feature judge, the default; ~30-60 s)
     knowserve world build [--out .knowserve/world] [--model]      (the demo world and its own small model)
     knowserve train CONFIG.yaml [--resume] [--via-service]          (GRPO through the services, progress bar)
     knowserve runs [RUN_ID]                                         (the training service's runs)
@@ -190,6 +191,24 @@ def cmd_train_verifier(args) -> int:
     print(f"held-out VitaminC ({r.heldout_examples}): accuracy {r.heldout_accuracy:.3f} vs majority-class "
           f"({r.majority_label}) {r.majority_accuracy:.3f}; per label " +
           ", ".join(f"{k} {v:.2f}" for k, v in r.per_label_accuracy.items()))
+    return 0
+
+
+def cmd_train_judge(args) -> int:
+    import logging
+
+    from services.verification.learned import TrainJudgeConfig, train_judge
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+    cfg = TrainJudgeConfig(out_dir=Path(args.out), edits=args.edits, halueval=not args.no_halueval,
+                           max_iter=args.max_iter, seed=args.seed,
+                           **({"corpus_jsonl": Path(args.corpus)} if args.corpus else {}))
+    r = train_judge(cfg)
+    print(f"saved {args.out} in {r.seconds:.0f}s; training examples {r.examples}")
+    print(f"held-out calibration slice: accuracy {r.calibration_accuracy:.3f} (lexical judge {r.lexical_accuracy:.3f}, "
+          f"majority class {r.calibration_majority:.3f}); temperature {r.temperature:.3f}, expected calibration "
+          f"error {r.ece_before:.3f} -> {r.ece_after:.3f}")
     return 0
 
 
@@ -479,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="check an answer's claims against the knowledge base")
     p.add_argument("answer")
-    p.add_argument("--judge", default="", help="lexical or nli (default: the service's)")
+    p.add_argument("--judge", default="", help="feature, lexical, nli or llm (default: the service's)")
     p.add_argument("--topic", default="", help="prepended to each claim's evidence query")
     p.add_argument("--section", choices=["all", "think", "answer"], default="all")
     p.add_argument("--target", help=f"verification host:port (default {default_target('verification')})")
@@ -509,6 +528,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto uses a GPU when there is one")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_train_verifier)
+
+    p = sub.add_parser("train-judge", help="train the feature judge (gradient-boosted trees over alignment features)")
+    p.add_argument("--out", default=".knowserve/models/judge")
+    p.add_argument("--corpus", help="Wikipedia-style leads JSONL (default: the demo Wikipedia corpus)")
+    p.add_argument("--edits", type=int, default=12_000, help="sentence-level edit pairs")
+    p.add_argument("--no-halueval", action="store_true", help="leave HaluEval-QA's training third out")
+    p.add_argument("--max-iter", type=int, default=300, help="boosting rounds (early stopping picks fewer)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_train_judge)
 
     p = sub.add_parser("world", help="the demo world: a fictional knowledge base and its own small model")
     w = p.add_subparsers(dest="action", required=True).add_parser("build", help="generate it (and --model)")

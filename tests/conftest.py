@@ -195,8 +195,11 @@ def start_verification(starter):
     """``await start_verification(retrieval_target=..., nli_model=None, **settings)`` -> a running service."""
 
     async def start(nli_model=None, **overrides) -> InProcessService:
+        # the lexical judge by default here: most tests pin its (deterministic) verdicts; the feature judge's
+        # tests (tests/verification/test_feature_judge.py) pass its model folder and make it the default
         settings = VerificationSettings(**{"port": 0, "metrics_port": 0, "retrieval_retries": 0,
                                            "nli_model_path": Path("/nonexistent"), "generation_target": "",
+                                           "default_judge": "lexical", "judge_model_path": Path("/nonexistent"),
                                            **overrides})
         return await starter.start(InProcessService(settings, VerificationApp(settings, nli_model=nli_model),
                                                     VerificationClient))

@@ -113,6 +113,81 @@ def _quantity_status(claim: Sequence[Quantity], passage: Sequence[Quantity]) -> 
     return out
 
 
+@dataclass(frozen=True)
+class Alignment:
+    """How one claim lines up with one passage: what the lexical judge decides on, and what the feature judge
+    learns from (:mod:`services.verification.learned`)."""
+
+    content: int  # the claim's content tokens (names, numbers, dates, words not carried by a matching quantity)
+    overlap: float  # share of them the passage holds
+    keys: tuple[int, int, int]  # the claim's (names, numbers, dates)
+    keys_missing: tuple[int, int, int]  # of those, the ones the passage lacks
+    quantities: tuple[int, int, int]  # claim quantities (borne out, contradicted, nothing comparable)
+    title_named: bool | None  # is the passage's title named in the claim (None: no title)
+    topic: float  # share of the claim's other content words the passage holds
+    conflict: bool  # the passage puts another name/number/date in a missing key's slot
+
+    @property
+    def missing(self) -> int:
+        return sum(self.keys_missing)
+
+
+def align(claim_text: _Text, passage_text: _Text, title: str = "", window: int = 4) -> Alignment:
+    """The :class:`Alignment` of a prepared claim and passage (see :func:`_prepare`)."""
+    claim, passage = claim_text.tokens, passage_text.tokens
+    status = _quantity_status(claim_text.quantities, passage_text.quantities)
+    measured = {q.dimension for q, ok in zip(claim_text.quantities, status) if ok is not None}
+    # "long", "deep", "holds": the dimension a comparable quantity measures is said by the quantity itself (whether
+    # its value agrees or not: "7,200 metres high" against "height 8,849 metres" is about the same thing)
+    content = [t for t in _content(claim)
+               if not (t.kind == "word" and any(t.norm in DIMENSION_WORDS.get(d, ()) for d in measured))]
+    have = {t.norm for t in passage}
+    have |= {t.norm[: len(DATE_TOKEN) + 6] for t in passage if t.kind == "date"}  # "July 1934" in "4 July 1934"
+    missing = [t for t in content if t.norm not in have]
+    keys_missing = [t for t in missing if t.kind in ("name", "num", "date")]
+    others = [t for t in content if t not in keys_missing]
+    title_named = None
+    if title:
+        claim_norms = {t.norm for t in claim}
+        title_named = any(t.norm in claim_norms for t in _content(_tokens(title)))
+    conflict = False
+    if keys_missing:
+        positions: dict[str, list[int]] = {}
+        for i, t in enumerate(passage):
+            positions.setdefault(t.norm, []).append(i)
+        conflict = any(_conflicts(claim, key, passage, positions, window) for key in keys_missing)
+
+    def count(toks, kind):
+        return sum(t.kind == kind for t in toks)
+
+    return Alignment(
+        content=len(content), overlap=1 - len(missing) / len(content) if content else 0.0,
+        keys=(count(content, "name"), count(content, "num"), count(content, "date")),
+        keys_missing=(count(keys_missing, "name"), count(keys_missing, "num"), count(keys_missing, "date")),
+        quantities=(status.count(True), status.count(False), status.count(None)),
+        title_named=title_named, topic=sum(t.norm in have for t in others) / len(others) if others else 0.0,
+        conflict=conflict)
+
+
+def _conflicts(claim: list[_Tok], key: _Tok, passage: list[_Tok], positions: dict, window: int) -> bool:
+    """Does the passage put a different name/number of the same kind next to one of the key's anchors?"""
+    idx = claim.index(key)
+    # anchors are the claim's relation words next to the key ("born", "capital", "metre"), not other names
+    anchors = [t for t in claim[max(0, idx - window): idx] + claim[idx + 1: idx + 1 + window]
+               if t.kind == "word" and t.norm not in STOPWORDS and t.norm not in _EXTRA_STOP]
+    claim_norms = {c.norm for c in claim}
+    for anchor in anchors:
+        for pos in positions.get(anchor.norm, []):
+            for t in passage[max(0, pos - window): pos + window + 1]:
+                if t.kind == key.kind and t.norm != key.norm and t.norm not in claim_norms:
+                    if key.kind == "date" and len(t.norm) != len(key.norm):
+                        continue  # a month against a full date: neither contradicts the other
+                    if key.kind == "num" and _is_year(key.norm) != _is_year(t.norm):
+                        continue
+                    return True
+    return False
+
+
 class LexicalJudge:
     """Entity / number / date agreement between a claim and each passage.
 
@@ -141,61 +216,23 @@ class LexicalJudge:
         self.topic_overlap = topic_overlap
         self.window = window
 
-    def _passage_verdict(self, claim_text: _Text, passage_text: _Text, title: str = "") -> Verdict | None:
-        claim, passage = claim_text.tokens, passage_text.tokens
-        status = _quantity_status(claim_text.quantities, passage_text.quantities)
-        measured = {q.dimension for q, ok in zip(claim_text.quantities, status) if ok}
-        # "long", "deep", "holds": the dimension a matching quantity measures is said by the quantity itself
-        content = [t for t in _content(claim)
-                   if not (t.kind == "word" and any(t.norm in DIMENSION_WORDS.get(d, ()) for d in measured))]
-        if not content:
+    def decide(self, a: Alignment) -> Verdict | None:
+        """The verdict an alignment earns, None when it decides nothing."""
+        if not a.content:
             return None
-        have = {t.norm for t in passage}
-        have |= {t.norm[: len(DATE_TOKEN) + 6] for t in passage if t.kind == "date"}  # "July 1934" in "4 July 1934"
-        missing = [t for t in content if t.norm not in have]
-        keys_missing = [t for t in missing if t.kind in ("name", "num", "date")]
-        overlap = 1 - len(missing) / len(content)
-        if not keys_missing and overlap >= self.support_overlap and all(status):
-            return Verdict(SUPPORTED, round(min(1.0, 0.5 + overlap / 2), 4))
-        if not keys_missing and False not in status:
+        _, contradicted, unmatched = a.quantities
+        if not a.missing and a.overlap >= self.support_overlap and not contradicted and not unmatched:
+            return Verdict(SUPPORTED, round(min(1.0, 0.5 + a.overlap / 2), 4))
+        if (not a.missing and not contradicted) or a.missing == a.content or a.title_named is False:
             return None
-        others = [t for t in content if t not in keys_missing]
-        if not others:
+        if a.topic < self.topic_overlap:
             return None
-        if title:  # refute only with a passage about the claim's subject (its title named in the claim)
-            claim_norms = {t.norm for t in claim}
-            if not any(t.norm in claim_norms for t in _content(_tokens(title))):
-                return None
-        topic = sum(t.norm in have for t in others) / len(others)
-        if topic < self.topic_overlap:
-            return None
-        if False in status:  # the same quantity of the same subject, another value
-            return Verdict(REFUTED, round(min(1.0, 0.5 + topic / 2), 4))
-        positions = {}
-        for i, t in enumerate(passage):
-            positions.setdefault(t.norm, []).append(i)
-        for key in keys_missing:
-            if self._conflicts(claim, key, passage, positions):
-                return Verdict(REFUTED, round(min(1.0, 0.5 + topic / 2), 4))
+        if contradicted or a.conflict:  # the same quantity of the same subject, another value; or another key
+            return Verdict(REFUTED, round(min(1.0, 0.5 + a.topic / 2), 4))
         return None
 
-    def _conflicts(self, claim: list[_Tok], key: _Tok, passage: list[_Tok], positions: dict) -> bool:
-        """Does the passage put a different name/number of the same kind next to one of the key's anchors?"""
-        idx = claim.index(key)
-        # anchors are the claim's relation words next to the key ("born", "capital", "metre"), not other names
-        anchors = [t for t in claim[max(0, idx - self.window): idx] + claim[idx + 1: idx + 1 + self.window]
-                   if t.kind == "word" and t.norm not in STOPWORDS and t.norm not in _EXTRA_STOP]
-        for anchor in anchors:
-            for pos in positions.get(anchor.norm, []):
-                near = passage[max(0, pos - self.window): pos + self.window + 1]
-                for t in near:
-                    if t.kind == key.kind and t.norm != key.norm and t.norm not in {c.norm for c in claim}:
-                        if key.kind == "date" and len(t.norm) != len(key.norm):
-                            continue  # a month against a full date: neither contradicts the other
-                        if key.kind == "num" and _is_year(key.norm) != _is_year(t.norm):
-                            continue
-                        return True
-        return False
+    def _passage_verdict(self, claim_text: _Text, passage_text: _Text, title: str = "") -> Verdict | None:
+        return self.decide(align(claim_text, passage_text, title, self.window))
 
     def judge(self, claims: Sequence[str], evidence: Sequence[Sequence[Passage]]) -> list[Verdict]:
         out = []

@@ -14,6 +14,7 @@ from services.retrieval.client import RetrievalClient, passage_from_proto
 from services.verification.config import VerificationSettings
 from services.verification.core import VerificationCore, VerifyItem, VerifyResult
 from services.verification.judges import LexicalJudge, NliJudge
+from services.verification.learned import load_feature_judge
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,12 @@ class VerificationApp(ServiceApp):
             unavailable["nli"] = (f"no model in {s.nli_model_path}: run `knowserve train-verifier` or set "
                                   "KNOWSERVE_VERIFICATION_NLI_MODEL_PATH")
             log.warning("nli judge disabled: %s", unavailable["nli"])
+        feature = await asyncio.to_thread(load_feature_judge, s)  # may train it (default, missing)
+        if isinstance(feature, str):
+            unavailable["feature"] = feature
+            log.warning("feature judge disabled: %s", feature)
+        else:
+            judges["feature"] = feature
         self.retrieval = RetrievalClient(s.retrieval_target, ClientOptions(
             timeout_seconds=s.retrieval_timeout_seconds, retries=s.retrieval_retries))
         mode = s.retrieval_mode

@@ -57,3 +57,19 @@ def verifier_model(tmp_path_factory):
         cfg.out_dir = out
         nli.train_verifier(cfg, progress=False)
     return nli.CrossEncoder(out)
+
+
+@pytest.fixture(scope="session")
+def feature_judge_dir() -> Path:
+    """The feature judge made by `train_judge` with the `knowserve train-judge` defaults (~30-60 s on 2 cores),
+    cached under .cache/test-judge/<hash of the code it depends on>, so a re-run reuses it."""
+    from services.verification import learned
+
+    code = b"".join((ROOT / "services/verification" / f).read_bytes()
+                    for f in ("learned.py", "judges.py", "normalise.py", "contrastive.py", "nli.py"))
+    out = ROOT / ".cache/test-judge" / hashlib.sha256(code).hexdigest()[:12]
+    if not (out / learned.META_FILE).exists():
+        corpus = ROOT / ".knowserve/data/wiki.jsonl"
+        learned.train_judge(learned.TrainJudgeConfig(out_dir=out, corpus_jsonl=corpus, cache=ROOT / ".cache"),
+                            progress=False)
+    return out
