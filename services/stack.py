@@ -103,6 +103,8 @@ def _service_env(name: str) -> dict[str, str]:
         env.setdefault(prefix + "TRAINER_THREADS", "2")  # a run is the main load while it trains
         env.setdefault(prefix + "RUNS_DIR", str(run_dir() / "runs"))
         env.setdefault(prefix + "EVAL_DIR", str(run_dir() / "eval"))
+    if name == "verification":  # the feature judge (the default): trained at its first start, kept here
+        env.setdefault(prefix + "JUDGE_MODEL_PATH", str(run_dir() / "models" / "judge"))
     if name == "generation":
         env.setdefault(prefix + "MODELS", json.dumps(local_models()))
         # a local stack has little traffic: verify every user completion live (the product default samples 10%)
