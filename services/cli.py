@@ -41,7 +41,12 @@ def _retrieval_target(args) -> str:
 def cmd_up(args) -> int:
     from services import stack
 
-    stack.up(args.services, timeout=args.timeout)
+    stack.up(args.services, timeout=args.timeout, auth=args.auth, tls=args.tls)
+    if args.auth or args.tls:
+        env = stack.client_security_env()
+        print("secured: " + ", ".join(f"{k}={v}" for k, v in env.items())
+              + "\n(this CLI uses them by itself; other clients: export them, or pass the token as "
+              "'authorization: Bearer <token>' metadata / the OpenAI client's api_key)")
     return 0
 
 
@@ -451,13 +456,23 @@ def cmd_eval(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="knowserve", description=__doc__,
+    parser = argparse.ArgumentParser(prog="knowserve", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--token-file", help="file with the bearer token to send (env KNOWSERVE_TOKEN_FILE; default: "
+                        "the local stack's when it runs with --auth)")
+    parser.add_argument("--tls-ca", help="CA that signed the services' certificates; enables TLS (env "
+                        "KNOWSERVE_TLS_CA_FILE; default: the local stack's when it runs with --tls)")
+    parser.add_argument("--tls-cert", help="client certificate for mTLS (env KNOWSERVE_TLS_CERT_FILE)")
+    parser.add_argument("--tls-key", help="its key (env KNOWSERVE_TLS_KEY_FILE)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("up", help="start the local stack and wait until every service is SERVING")
     p.add_argument("--services", help="comma-separated subset (default: all; env KNOWSERVE_STACK_SERVICES)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for SERVING")
+    p.add_argument("--auth", action="store_true", help="every service requires a generated bearer token "
+                   "(.knowserve/security/token); services send it to each other, this CLI uses it")
+    p.add_argument("--tls", action="store_true", help="mTLS between every service and its clients, with a "
+                   "generated CA and certificate (generation stays plaintext: Ray Serve's gRPC proxy has no TLS)")
     p.set_defaults(fn=cmd_up)
     sub.add_parser("status", help="show the local stack's services and health").set_defaults(fn=cmd_status)
     sub.add_parser("down", help="stop the local stack's own processes").set_defaults(fn=cmd_down)
@@ -647,6 +662,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _client_security(args) -> None:
+    """Flags, then the environment, then the secured local stack: what every client of this command sends."""
+    import os
+
+    from services import stack
+    from services.common import auth
+
+    for flag, env in ((args.token_file, auth.TOKEN_FILE_ENV), (args.tls_ca, auth.TLS_CA_ENV),
+                      (args.tls_cert, auth.TLS_CERT_ENV), (args.tls_key, auth.TLS_KEY_ENV)):
+        if flag:
+            if not Path(flag).is_file():
+                raise SystemExit(f"{flag}: no such file")
+            os.environ[env] = str(Path(flag).resolve())
+    if args.command not in ("up", "down"):
+        for key, value in stack.client_security_env().items():
+            os.environ.setdefault(key, value)
+
+
 def main(argv: list[str] | None = None) -> int:
     from services.common.progress import quiet_library_bars
 
@@ -654,6 +687,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     quiet_library_bars()
+    _client_security(args)
     try:
         return int(args.fn(args) or 0)
     except KnowserveError as e:  # a refusal from a service or a domain error: the message, not a traceback

@@ -20,6 +20,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from services.common.auth import TOKEN_FILE_ENV
 from services.common.clients import ServiceClient
 from services.common.progress import console as make_console
 from services.common.settings import ServiceSettings
@@ -92,6 +93,100 @@ def _ours(proc: Proc) -> bool:
     return f"services.{proc.name}" in cmdline
 
 
+def security_dir() -> Path:
+    return run_dir() / "security"
+
+
+def security_state() -> dict[str, bool]:
+    """{"auth": ..., "tls": ...} of the stack last started in this run dir."""
+    try:
+        return json.loads((security_dir() / "stack.json").read_text())
+    except (OSError, ValueError):
+        return {"auth": False, "tls": False}
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def ensure_security(auth: bool, tls: bool) -> dict[str, bool]:
+    """Make what ``knowserve up --auth / --tls`` needs under the run dir's ``security/`` (kept across restarts):
+    a random bearer token (``token``, mode 0600), a CA (``ca.pem``) and one certificate for every service and
+    client of this machine (``node.pem``/``node-key.pem``: localhost and 127.0.0.1, server and client use)."""
+    d = security_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    os.chmod(d, 0o700)
+    if auth and not (d / "token").exists():
+        import secrets
+
+        _write_private(d / "token", secrets.token_urlsafe(32).encode())
+    if tls and not (d / "node.pem").exists():
+        _make_certificates(d)
+    state = {"auth": auth, "tls": tls}
+    (d / "stack.json").write_text(json.dumps(state))
+    return state
+
+
+def _make_certificates(d: Path, days: int = 365) -> None:
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def pem_key(key) -> bytes:
+        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                 serialization.NoEncryption())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "knowserve local stack CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+          .not_valid_after(now + datetime.timedelta(days=days))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                       key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=days))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .sign(ca_key, hashes.SHA256()))
+    _write_private(d / "ca-key.pem", pem_key(ca_key))
+    (d / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    _write_private(d / "node-key.pem", pem_key(key))
+    (d / "node.pem").write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+
+
+def client_security_env() -> dict[str, str]:
+    """The ``KNOWSERVE_TOKEN_FILE`` / ``KNOWSERVE_TLS_*`` a client of the secured local stack needs (the CLI sets
+    them itself when they are unset)."""
+    from services.common import auth
+
+    state, d = security_state(), security_dir()
+    env = {}
+    if state.get("auth") and (d / "token").exists():
+        env[auth.TOKEN_FILE_ENV] = str(d / "token")
+    if state.get("tls") and (d / "node.pem").exists():
+        env.update({auth.TLS_CA_ENV: str(d / "ca.pem"), auth.TLS_CERT_ENV: str(d / "node.pem"),
+                    auth.TLS_KEY_ENV: str(d / "node-key.pem")})
+    return env
+
+
 def _service_env(name: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
@@ -103,6 +198,20 @@ def _service_env(name: str) -> dict[str, str]:
         env.setdefault(prefix + "TRAINER_THREADS", "2")  # a run is the main load while it trains
         env.setdefault(prefix + "RUNS_DIR", str(run_dir() / "runs"))
         env.setdefault(prefix + "EVAL_DIR", str(run_dir() / "eval"))
+    state, d = security_state(), security_dir()
+    if state.get("auth"):  # one token: each service requires it and sends it (its client token defaults to it)
+        env.setdefault(prefix + "AUTH_TOKEN_FILE", str(d / "token"))
+        env[TOKEN_FILE_ENV] = str(d / "token")  # what a training run's process sends
+    if state.get("tls"):
+        if name != "generation":  # Ray Serve's gRPC proxy cannot terminate TLS: generation stays plaintext (token on)
+            env.setdefault(prefix + "TLS_CERT_FILE", str(d / "node.pem"))
+            env.setdefault(prefix + "TLS_KEY_FILE", str(d / "node-key.pem"))
+            env.setdefault(prefix + "TLS_CLIENT_CA_FILE", str(d / "ca.pem"))  # mTLS
+        env.setdefault(prefix + "CLIENT_TLS_CA_FILE", str(d / "ca.pem"))
+        env.setdefault(prefix + "CLIENT_TLS_CERT_FILE", str(d / "node.pem"))
+        env.setdefault(prefix + "CLIENT_TLS_KEY_FILE", str(d / "node-key.pem"))
+        env.setdefault(prefix + "CLIENTS", json.dumps({"generation": {"tls": False}}))
+        env.update(client_security_env())  # a training run's own clients
     if name == "verification":  # the feature judge (the default): trained at its first start, kept here
         env.setdefault(prefix + "JUDGE_MODEL_PATH", str(run_dir() / "models" / "judge"))
     if name == "generation":
@@ -161,9 +270,15 @@ def print_table(procs: dict[str, Proc], health: dict[str, str], console: Console
     (console or make_console()).print(table)
 
 
-def up(services: str | None = None, timeout: float = 180.0) -> dict[str, Proc]:
-    """Start the configured services not already running; wait for SERVING; print the table."""
+def up(services: str | None = None, timeout: float = 180.0, auth: bool = False, tls: bool = False) -> dict[str, Proc]:
+    """Start the configured services not already running; wait for SERVING; print the table. ``auth``: every
+    service requires (and sends) a generated token; ``tls``: mTLS with generated certificates."""
     procs = {n: p for n, p in load_state().items() if _ours(p)}
+    if procs and security_state() != {"auth": auth, "tls": tls}:
+        raise SystemExit(f"the stack is running with {security_state()}; `knowserve down` first to change it")
+    ensure_security(auth, tls)
+    for key, value in client_security_env().items():
+        os.environ.setdefault(key, value)  # this process's health checks and the demo's own clients
     logs = run_dir() / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     registry = _registry()

@@ -28,6 +28,9 @@ from services.verification.server import VerificationApp
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_APP = "knowserve-generation-test"
+# the session's generation app requires this bearer token (as a deployment with auth on does); its clients send it
+GENERATION_TOKEN = "session-generation-token-0123456789"
+SERVE_META = (("application", SERVE_APP), ("authorization", f"Bearer {GENERATION_TOKEN}"))
 BIN = Path(sys.executable).parent
 
 
@@ -316,10 +319,17 @@ def serve_generation_app(tmp_path_factory, generation_retrieval_port, answer_por
     tiny Llamas built here. Every user completion is sampled for live monitoring (to ``answer_port``)."""
     from services.common.models import tiny_lm_folder
 
+    from services.common.auth import TOKEN_FILE_ENV
+
     tiny_model = tiny_lm_folder(ROOT / ".cache/models")
     root = tmp_path_factory.mktemp("checkpoints")
     shutil.copytree(tiny_model, root / "v1")
-    app = GenerationApp(root, None, max_tokens_limit=64, default_max_tokens=16,
+    # auth on: every RPC but health needs the token; every knowserve client of the session sends it, through
+    # $KNOWSERVE_TOKEN_FILE, as the CLI and a training run's process do (servers without auth ignore it)
+    token_file = tmp_path_factory.mktemp("auth") / "token"
+    token_file.write_text(GENERATION_TOKEN)
+    os.environ[TOKEN_FILE_ENV] = str(token_file)
+    app = GenerationApp(root, None, max_tokens_limit=64, default_max_tokens=16, auth_token_file=token_file,
                         retrieval_target=f"127.0.0.1:{generation_retrieval_port}",
                         answer_target=f"127.0.0.1:{answer_port}", live_sample_rate=1.0, gate_poll_seconds=0.5,
                         models=[

@@ -17,7 +17,6 @@ from knowserve.verification.v1 import verification_service_pb2 as vpb
 from services.answer.config import AnswerSettings
 from services.answer.core import (PASSAGES, SEARCH_TOOL, AnswerCore, AnswerResult, Limits, LiveMonitor,
                                   search_instructions)
-from services.common.clients import ClientOptions
 from services.common.errors import InvalidArgument, Unavailable
 from services.common.server import ServiceApp, ServiceBinding
 from services.retrieval.server import passage_to_proto
@@ -107,11 +106,12 @@ class AnswerApp(ServiceApp):
         from services.verification.core import VerifyItem
 
         s = self.settings
-        options = lambda: ClientOptions(timeout_seconds=s.upstream_timeout_seconds,  # noqa: E731
-                                        retries=s.upstream_retries)
-        retrieval = RetrievalClient(s.retrieval_target, options())
-        verification = VerificationClient(s.verification_target, options())
-        generation = GenerationClient(s.generation_target, options(), s.generation_app_name, s.answer_model,
+        def options(target: str):
+            return s.client_options(target, timeout_seconds=s.upstream_timeout_seconds, retries=s.upstream_retries)
+
+        retrieval = RetrievalClient(s.retrieval_target, options("retrieval"))
+        verification = VerificationClient(s.verification_target, options("verification"))
+        generation = GenerationClient(s.generation_target, options("generation"), s.generation_app_name, s.answer_model,
                                       internal=True)  # answers are counted here, not sampled again by generation
         self.clients = [retrieval, verification, generation]
         protocol = TOOL_PROTOCOLS[s.tool_protocol]

@@ -21,6 +21,7 @@ from typing import Any, Generic, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.auth import default_client_tls, default_client_token
 from services.common.errors import DeadlineExceeded, KnowserveError, Unavailable
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ class ClientOptions:
     tls_ca_file: Path | None = None  #: CA that signed the server certificate; enables TLS
     tls_cert_file: Path | None = None  #: client certificate for mTLS
     tls_key_file: Path | None = None  #: client key for mTLS
+    plaintext: bool = False  #: no TLS even where $KNOWSERVE_TLS_CA_FILE is set (a service's explicit choice)
     max_message_bytes: int = 16 * 1024 * 1024
     extra_metadata: tuple[tuple[str, str], ...] = field(default_factory=tuple)
 
@@ -78,18 +80,22 @@ class ServiceClient(Generic[StubT]):
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 2000),
         ]
-        if o.tls_ca_file is not None:
+        tls = (o.tls_ca_file, o.tls_cert_file, o.tls_key_file) if o.tls_ca_file is not None else (
+            None if o.plaintext else default_client_tls(service))  # the CLI's --tls-ca / the local stack's --tls
+        if tls is not None:
+            ca, cert, key = tls
             creds = grpc.ssl_channel_credentials(
-                root_certificates=Path(o.tls_ca_file).read_bytes(),
-                private_key=Path(o.tls_key_file).read_bytes() if o.tls_key_file else None,
-                certificate_chain=Path(o.tls_cert_file).read_bytes() if o.tls_cert_file else None,
+                root_certificates=Path(ca).read_bytes(),
+                private_key=Path(key).read_bytes() if key else None,
+                certificate_chain=Path(cert).read_bytes() if cert else None,
             )
             self.channel = grpc.aio.secure_channel(target, creds, options=channel_options)
         else:
             self.channel = grpc.aio.insecure_channel(target, options=channel_options)
         self.stub: StubT = stub_factory(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
-        self._metadata = tuple(o.extra_metadata) + ((("authorization", f"Bearer {o.token}"),) if o.token else ())
+        token = o.token if o.token is not None else default_client_token()  # the CLI's --token-file
+        self._metadata = tuple(o.extra_metadata) + ((("authorization", f"Bearer {token}"),) if token else ())
 
     async def call(self, method: str, request: Any, *, timeout: float | None = None) -> Any:
         """Call unary ``method``; retries UNAVAILABLE with jittered exponential backoff, never other codes.

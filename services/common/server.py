@@ -22,7 +22,6 @@ Usage (see ``services/retrieval/__main__.py``)::
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import signal
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -34,7 +33,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.common import metrics
+from services.common import auth, metrics
 from services.common.errors import InvalidArgument, Unauthenticated
 from services.common.settings import ServiceSettings
 from services.common.status import CallRecord, status_of
@@ -97,11 +96,8 @@ class _Interceptor(grpc.aio.ServerInterceptor):
         full_method = handler_call_details.method
         method = full_method.rsplit("/", 1)[-1]
         needs_auth = self.token is not None and not full_method.startswith(HEALTH_PREFIX)
-        if needs_auth:
-            given = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
-            authorized = hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode())
-        else:
-            authorized = True
+        authorized = not needs_auth or auth.authorized(
+            auth.metadata_value(handler_call_details.invocation_metadata), self.token)
 
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
@@ -121,7 +117,7 @@ class _Interceptor(grpc.aio.ServerInterceptor):
     def _admit(request, authorized: bool) -> None:
         """Checks every call passes before its handler runs (raised as domain errors, mapped like any other)."""
         if not authorized:
-            raise Unauthenticated("missing or wrong bearer token (send metadata 'authorization: Bearer <token>')")
+            raise Unauthenticated(auth.BEARER_HINT)
         check_parsed(request)
 
     async def _abort(self, context: grpc.aio.ServicerContext, exc: Exception, record: CallRecord) -> None:

@@ -10,8 +10,25 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from services.common.clients import ClientOptions
+
+
+class ClientSecurity(BaseModel):
+    """How a service authenticates to one target (unset fields fall back to the service-wide client settings)."""
+
+    model_config = {"extra": "forbid"}
+
+    token_file: Path | None = None
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls: bool | None = None  # False: plaintext to this target although the service-wide client TLS is set
 
 
 class ServiceSettings(BaseSettings):
@@ -41,6 +58,17 @@ class ServiceSettings(BaseSettings):
     tls_client_ca_file: Path | None = Field(None, description="CA bundle for client certificates; enables mTLS.")
     auth_token: SecretStr | None = Field(None, description="Bearer token clients must send; enables auth.")
     auth_token_file: Path | None = Field(None, description="File holding the bearer token (a mounted Secret).")
+    client_token_file: Path | None = Field(
+        None, description="Token this service sends to the services it calls; unset: its own token "
+        "(AUTH_TOKEN / AUTH_TOKEN_FILE), so one Secret secures the whole deployment.")
+    client_tls_ca_file: Path | None = Field(
+        None, description="CA bundle that signed the certificates of the services it calls; enables TLS on its "
+        "outgoing calls.")
+    client_tls_cert_file: Path | None = Field(None, description="Client certificate it presents (mTLS).")
+    client_tls_key_file: Path | None = Field(None, description="Key of that client certificate.")
+    clients: dict[str, ClientSecurity] = Field(
+        default_factory=dict, description='Per-target overrides of the four client settings above, e.g. '
+        '{"retrieval": {"token_file": "/run/secrets/retrieval-token", "tls_ca_file": "/etc/ca.pem"}} (JSON).')
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_json: bool = Field(True, description="One JSON object per log line; false for human-readable lines.")
 
@@ -53,10 +81,21 @@ class ServiceSettings(BaseSettings):
             raise ValueError(
                 f"{prefix}TLS_CLIENT_CA_FILE (mTLS) needs server TLS: set {prefix}TLS_CERT_FILE and {prefix}TLS_KEY_FILE"
             )
-        for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "auth_token_file"):
+        for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "auth_token_file", "client_token_file",
+                     "client_tls_ca_file", "client_tls_cert_file", "client_tls_key_file"):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"{prefix}{name.upper()}={path} does not exist; fix the path or unset it")
+        for target, c in [("", ClientSecurity(token_file=self.client_token_file, tls_ca_file=self.client_tls_ca_file,
+                                              tls_cert_file=self.client_tls_cert_file,
+                                              tls_key_file=self.client_tls_key_file)), *self.clients.items()]:
+            where = f"{prefix}CLIENTS[{target!r}]" if target else f"{prefix}CLIENT_TLS_*"
+            if (c.tls_cert_file is None) != (c.tls_key_file is None):
+                raise ValueError(f"{where}: a client certificate needs its key and a key its certificate; set both")
+            for name in ("token_file", "tls_ca_file", "tls_cert_file", "tls_key_file"):
+                path = getattr(c, name)
+                if target and path is not None and not Path(path).is_file():
+                    raise ValueError(f"{where}.{name}={path} does not exist; fix the path or remove it")
         if self.auth_token is not None and self.auth_token_file is not None:
             raise ValueError(f"set only one of {prefix}AUTH_TOKEN and {prefix}AUTH_TOKEN_FILE")
         return self
@@ -66,11 +105,28 @@ class ServiceSettings(BaseSettings):
         if self.auth_token is not None:
             return self.auth_token.get_secret_value()
         if self.auth_token_file is not None:
-            token = Path(self.auth_token_file).read_text().strip()
-            if not token:
-                raise ValueError(f"auth token file {self.auth_token_file} is empty")
-            return token
+            from services.common.auth import read_token
+
+            return read_token(self.auth_token_file)
         return None
+
+    def client_options(self, target: str, **options) -> ClientOptions:
+        """How this service calls ``target`` ("retrieval", "verification", ...): its token and TLS settings (the
+        per-target override, else the service-wide client settings, else its own token) and ``options``
+        (timeouts, retries)."""
+        from services.common.auth import read_token
+        from services.common.clients import ClientOptions
+
+        c = self.clients.get(target, ClientSecurity())
+        token_file = c.token_file or self.client_token_file
+        token = read_token(token_file) if token_file else self.resolved_auth_token()
+        if c.tls is False:
+            return ClientOptions(token=token, plaintext=True, **options)
+        ca = c.tls_ca_file or self.client_tls_ca_file
+        cert = c.tls_cert_file or (None if c.tls_key_file else self.client_tls_cert_file)
+        key = c.tls_key_file or (None if c.tls_cert_file else self.client_tls_key_file)
+        return ClientOptions(token=token, tls_ca_file=ca, tls_cert_file=cert, tls_key_file=key,
+                             plaintext=ca is None, **options)
 
     def client_metadata(self) -> tuple[tuple[str, str], ...]:
         """gRPC metadata every client of this service sends besides auth (Serve's proxy needs the application)."""

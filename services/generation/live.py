@@ -46,8 +46,9 @@ def question_of(prompt) -> str:
 class LiveSampler:
     """Sends sampled completions to the answer service; reads live figures for gates (``target`` "" = off)."""
 
-    def __init__(self, target: str, rate: float, max_in_flight: int, seed: int | None = None):
+    def __init__(self, target: str, rate: float, max_in_flight: int, seed: int | None = None, options=None):
         self.target = target
+        self.options = options  # ClientOptions for the answer service (token, TLS); None: defaults
         self.rate = rate if target else 0.0
         self.max_in_flight = max_in_flight
         self.in_flight = 0
@@ -64,7 +65,7 @@ class LiveSampler:
             from services.answer.client import AnswerClient
             from services.common.clients import ClientOptions
 
-            self._client = AnswerClient(self.target, ClientOptions(timeout_seconds=5.0, retries=0))
+            self._client = AnswerClient(self.target, self.options or ClientOptions(timeout_seconds=5.0, retries=0))
         return self._client
 
     def sample(self, model: str, prompts: Sequence, completions: Sequence, internal: bool = False) -> int:

@@ -20,7 +20,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.common.errors import InvalidArgument
+from services.common import auth
+from services.common.errors import InvalidArgument, Unauthenticated
 from services.common.status import status_of, unwrap
 
 _HTTP = {"INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "NOT_FOUND": 404, "FAILED_PRECONDITION": 400,
@@ -112,7 +113,7 @@ def _sse(payload: dict | str) -> str:
 
 def with_openai_routes(ingress_cls):
     """``ingress_cls`` with the OpenAI routes, as a ``serve.ingress`` FastAPI deployment class."""
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI, Header, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
     from ray import serve
@@ -127,22 +128,34 @@ def with_openai_routes(ingress_cls):
                                        "invalid_request"), status_code=400)
 
     class OpenAIIngress(ingress_cls):
+        def _refused(self, authorization: str | None):
+            """OpenAI's 401 error body when the bearer token (the client's api_key) is missing or wrong."""
+            if auth.authorized(authorization, self.token):
+                return None
+            return _error_response(Unauthenticated(auth.BEARER_HINT))
+
         @app.get("/v1/models")
-        async def openai_models(self):
+        async def openai_models(self, authorization: str | None = Header(default=None)):
+            if (refused := self._refused(authorization)) is not None:
+                return refused
             return {"object": "list", "data": [{"id": name, "object": "model", "created": 0,
                                                 "owned_by": "knowserve"} for name in self.models]}
 
         @app.post("/v1/completions")
-        async def openai_completions(self, body: CompletionRequest):
+        async def openai_completions(self, body: CompletionRequest, authorization: str | None = Header(default=None)):
             from services.generation.core import Prompt
 
+            if (refused := self._refused(authorization)) is not None:
+                return refused
             prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
             return await self._openai(body, [Prompt(text=p) for p in prompts], body.max_tokens, chat=False)
 
         @app.post("/v1/chat/completions")
-        async def openai_chat(self, body: ChatRequest):
+        async def openai_chat(self, body: ChatRequest, authorization: str | None = Header(default=None)):
             from services.generation.core import Prompt
 
+            if (refused := self._refused(authorization)) is not None:
+                return refused
             messages = [{"role": m.role, "content": _content(m.content)} for m in body.messages]
             return await self._openai(body, [Prompt(messages=messages)], body.max_completion_tokens or body.max_tokens,
                                       chat=True)

@@ -73,7 +73,6 @@ class ModelReplica:
     def __init__(self, settings: dict[str, Any], model: str):
         import torch
 
-        from services.common.clients import ClientOptions
         from services.common.models import resolve_model_path
         from services.generation import metrics as m
         from services.generation.config import GenerationSettings
@@ -88,7 +87,7 @@ class ModelReplica:
         path = str(resolve_model_path(spec.path))
         self.slot = WeightSlot(Weights(self._load(path), spec.initial_version, path), self._load, s.checkpoint_root)
         m.WEIGHT_VERSION.labels(model).set(spec.initial_version)
-        self.retrieval = RetrievalClient(s.retrieval_target, ClientOptions(timeout_seconds=60))
+        self.retrieval = RetrievalClient(s.retrieval_target, s.client_options("retrieval", timeout_seconds=60))
 
         async def search(queries, top_k):
             return await self.retrieval.search(queries, top_k=top_k)

@@ -21,6 +21,7 @@ from typing import Any
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from knowserve.generation.v1 import generation_service_pb2 as pb
+from services.common import auth
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.server import check_parsed
 from services.common.status import CallRecord, status_of
@@ -119,12 +120,20 @@ class GenerationIngress:
         self.replicas = {m_.name: m_.replicas for m_ in s.resolved_models()}
         from services.generation.live import LiveSampler
 
-        self.live = LiveSampler(s.answer_target, s.live_sample_rate, s.live_max_in_flight)
+        self.live = LiveSampler(s.answer_target, s.live_sample_rate, s.live_max_in_flight,
+                                options=s.client_options("answer", timeout_seconds=5.0, retries=0))
         self.controller = WeightController(
             s, models, on_swap=lambda model, r: m.SWAPS.labels(model, r).inc(),
             stats=self.live.stats if self.live.enabled else None,
             on_gate=lambda g: m.GATE_DECISIONS.labels(g.model, g.state).inc())
         self._ready: set[str] = set()  # models that have answered (health)
+        self.token = s.resolved_auth_token()  # every RPC but health (and the HTTP routes) requires it
+
+    def _admit(self, grpc_context, request) -> None:
+        """Checks every call passes before any model work: the bearer token, then a request that parsed."""
+        if self.token is not None:
+            auth.require(grpc_context.invocation_metadata() if grpc_context is not None else None, self.token)
+        check_parsed(request)
 
     # -- shared
     def resolve(self, model: str) -> tuple[str, Any]:
@@ -163,7 +172,7 @@ class GenerationIngress:
         model = getattr(request, "model", "")
         with self._record("Generate", model) as record:
             try:
-                check_parsed(request)
+                self._admit(grpc_context, request)
                 name, handle = self.resolve(request.model)
                 prompts = prompts_from_proto(request.prompts)
                 params = params_from_proto(request.sampling, request.return_logprobs, request.tool_protocol,
@@ -182,7 +191,7 @@ class GenerationIngress:
         """Token deltas of one sample as they are produced (no tool protocol on the stream)."""
         with self._record("GenerateStream", getattr(request, "model", "")) as record:
             try:
-                check_parsed(request)
+                self._admit(grpc_context, request)
                 name, handle = self.resolve(request.model)
                 prompt = prompts_from_proto([request.prompt])[0]
                 params = params_from_proto(request.sampling, request.return_logprobs)
@@ -198,11 +207,14 @@ class GenerationIngress:
                 self.live.sample_one(name, version, prompt, "".join(parts))
             except Exception as e:  # noqa: BLE001
                 self._fail(grpc_context, e, None, record)
+                # a stream that yields nothing never hands its context to Serve's proxy: raising with the code set
+                # makes the replica wrap it (gRPCStatusError), so the client gets this code, not OK or INTERNAL
+                raise
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, grpc_context=None) -> pb.GetModelInfoResponse:
         with self._record("GetModelInfo", getattr(request, "model", "")) as record:
             try:
-                check_parsed(request)
+                self._admit(grpc_context, request)
                 return await self.model_info(request.model)
             except Exception as e:  # noqa: BLE001
                 return self._fail(grpc_context, e, pb.GetModelInfoResponse(), record)
@@ -210,7 +222,7 @@ class GenerationIngress:
     async def ListModels(self, request: pb.ListModelsRequest, grpc_context=None) -> pb.ListModelsResponse:
         with self._record("ListModels", self.default_model) as record:
             try:
-                check_parsed(request)
+                self._admit(grpc_context, request)
                 names = [self.default_model] + [n for n in self.models if n != self.default_model]
                 return pb.ListModelsResponse(models=[await self.model_info(n) for n in names])
             except Exception as e:  # noqa: BLE001
@@ -219,7 +231,7 @@ class GenerationIngress:
     async def UpdateWeights(self, request: pb.UpdateWeightsRequest, grpc_context=None) -> pb.UpdateWeightsResponse:
         with self._record("UpdateWeights", getattr(request, "model", "")) as record:
             try:
-                check_parsed(request)
+                self._admit(grpc_context, request)
                 name, _ = self.resolve(request.model)
                 if request.transport == pb.WEIGHT_TRANSPORT_COLLECTIVE:
                     raise FailedPrecondition("WEIGHT_TRANSPORT_COLLECTIVE pushes tensors to vLLM GPU workers over "
@@ -247,7 +259,7 @@ class GenerationIngress:
                               grpc_context=None) -> pb.RollbackWeightsResponse:
         with self._record("RollbackWeights", getattr(request, "model", "")) as record:
             try:
-                check_parsed(request)
+                self._admit(grpc_context, request)
                 name, _ = self.resolve(request.model)
                 r = await self.controller.rollback(name, request.version)
             except Exception as e:  # noqa: BLE001

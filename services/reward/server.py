@@ -7,7 +7,6 @@ import asyncio
 from knowserve.reward.v1 import reward_service_pb2 as pb
 from knowserve.reward.v1 import reward_service_pb2_grpc as pb_grpc
 from knowserve.verification.v1 import verification_service_pb2 as vpb
-from services.common.clients import ClientOptions
 from services.common.errors import Unavailable
 from services.common.server import ServiceApp, ServiceBinding
 from services.reward.config import RewardSettings
@@ -73,8 +72,8 @@ class RewardApp(ServiceApp):
     async def startup(self) -> None:
         s = self.settings
         recipes = await asyncio.to_thread(load_recipes, s.recipes_dir)
-        self.verification = VerificationClient(s.verification_target, ClientOptions(
-            timeout_seconds=s.verification_timeout_seconds, retries=s.verification_retries))
+        self.verification = VerificationClient(s.verification_target, s.client_options(
+            "verification", timeout_seconds=s.verification_timeout_seconds, retries=s.verification_retries))
         client = self.verification
 
         async def factuality(completions, section, judge, gamma, top_k, topics):
@@ -95,8 +94,9 @@ class RewardApp(ServiceApp):
         if s.generation_target:
             from services.generation.client import GenerationClient
 
-            self.generation = GenerationClient(s.generation_target, ClientOptions(
-                timeout_seconds=s.generation_timeout_seconds, retries=s.generation_retries), s.generation_app_name,
+            self.generation = GenerationClient(s.generation_target, s.client_options(
+                "generation", timeout_seconds=s.generation_timeout_seconds, retries=s.generation_retries),
+                s.generation_app_name,
                 model=s.generation_model, internal=True)
             llm_generate = self.generation.greedy
 

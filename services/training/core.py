@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.common.auth import TOKEN_FILE_ENV
 from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from services.training.config import TrainingSettings
 from training.config import ConfigError, Hyperparameters, RunConfig
@@ -160,11 +161,30 @@ class TrainingCore:
         except ValueError as e:  # pydantic: an unknown loss type, a wrong type
             raise InvalidArgument("hyperparameters", str(e).splitlines()[0] + ": " + str(e)) from None
 
+    def _client_token_file(self, run: RunDir) -> Path | None:
+        """A file with the token the run sends (KNOWSERVE_TOKEN_FILE of its process): the service's client or own
+        token file; an inline token is written into the run folder, readable by its owner only."""
+        s = self.s
+        path = s.client_token_file or s.auth_token_file
+        if path is not None:
+            return Path(path).resolve()
+        token = s.resolved_auth_token()
+        if token is None:
+            return None
+        out = run.root / "client-token"
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token)
+        return out
+
     def _spawn(self, run: RunDir, resume: bool) -> None:
         cmd = [sys.executable, "-m", "training.run", str(run.root)] + (["--resume"] if resume else [])
         log = open(run.root / "trainer.log", "ab")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                "OMP_NUM_THREADS": str(self.s.trainer_threads), "TRL_EXPERIMENTAL_SILENCE": "1"}
+        token_file = self._client_token_file(run)
+        if token_file is not None:  # the run calls generation and reward with the service's token
+            env[TOKEN_FILE_ENV] = str(token_file)
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
                                 start_new_session=True)
         log.close()

@@ -10,6 +10,7 @@ corrected fact beats the stale passage it replaces. No decisive passage -> NOT_E
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ class _Tok:
     kind: str  # "num", "date", "name" (capitalized, not sentence-initial unless multiword/unknown) or "word"
 
 
+@functools.lru_cache(maxsize=65536)
 def _stem(word: str) -> str:
     for suffix in ("'s", "’s", "ies", "es", "s", "ed", "ing"):
         if word.endswith(suffix) and len(word) - len(suffix) >= 3:

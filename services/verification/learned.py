@@ -13,6 +13,8 @@ on examples held out by article, so a verdict's score is the probability that it
   articles — quantities in other units or bounded, dates in other forms, changed values, dates and places;
 * sentence-level edits of the same leads (:func:`services.verification.nli.synthetic_pairs`): swapped numbers and
   names, inserted negations, another article's predicate, another sentence;
+* subject swaps (:func:`subject_swaps`): another article's subject in a lead's first sentence, judged against that
+  lead — what retrieval hands the judge for a claim about the wrong subject (NOT_ENOUGH_INFO, not REFUTED);
 * the length-matched HaluEval-QA pairs outside the verification benchmark's test slice;
 * VitaminC when its source (BIG-bench 1.0.0) is in ``.cache/packages``.
 
@@ -39,7 +41,7 @@ import numpy as np
 from services.retrieval.core import Passage
 from services.verification.judges import (NOT_ENOUGH_INFO, REFUTED, SUPPORTED, Alignment, LexicalJudge, Verdict,
                                           _content, _prepare, _Text, _tokens, align)
-from services.verification.normalise import mark_dates
+from services.verification.normalise import DATE_TOKEN, mark_dates, quantities
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,7 @@ FEATURES = (
     "missing_dates", "missing_key_share", "quantities_agree", "quantities_contradict", "quantities_unmatched",
     "title_named", "conflict", "lexical_supported", "lexical_refuted", "best_sentence_coverage",
     "best_sentence_pairs", "negation_mismatch", "log_passage_tokens", "best_sentence_keys", "best_window_coverage",
+    "subject_in_passage", "first_missing_key_position", "tail_coverage",
 )
 
 
@@ -68,14 +71,23 @@ class _PassageView:
     sentences: tuple[tuple[frozenset[str], frozenset[tuple[str, str]], bool], ...]  # (words, word pairs, negated)
 
 
-def _sentence_view(sentence: str) -> tuple[frozenset[str], frozenset[tuple[str, str]], bool]:
-    content = [t.norm for t in _content(_tokens(mark_dates(sentence)))]
+def _sentence_view(tokens: Sequence, sentence: str) -> tuple[frozenset[str], frozenset[tuple[str, str]], bool]:
+    content = [t.norm for t in _content(tokens)]
     return frozenset(content), frozenset(zip(content, content[1:])), bool(_NEG_WORD.search(sentence))
 
 
 def prepare_passage(title: str, text: str, with_quantities: bool) -> _PassageView:
-    whole = _prepare(f"{title}. {text}" if title else text, with_quantities)
-    return _PassageView(whole, tuple(_sentence_view(s) for s in _SENTENCES.split(text) if s.strip()))
+    """The passage read once: its quantities cut out and dates marked as :func:`judges._prepare` does, then split
+    into sentences, each tokenized once (the whole passage's tokens are theirs, in order)."""
+    full = f"{title}. {text}" if title else text
+    qs = quantities(full) if with_quantities else ()
+    rest = full
+    for q in sorted(qs, key=lambda q: -q.start):
+        rest = rest[: q.start] + " " + rest[q.end:]
+    sentences = [sent for sent in _SENTENCES.split(mark_dates(rest)) if sent.strip()]
+    tokens = [_tokens(sent) for sent in sentences]
+    return _PassageView(_Text([t for ts in tokens for t in ts], qs),
+                        tuple(_sentence_view(ts, sent) for ts, sent in zip(tokens, sentences)))
 
 
 def features(claim: str, claim_text: _Text, view: _PassageView, title: str, lexical: LexicalJudge) -> list[float]:
@@ -108,6 +120,18 @@ def features(claim: str, claim_text: _Text, view: _PassageView, title: str, lexi
             best_window = max(best_window, sum(w in sent_words or w in previous for w in words) / len(words))
         previous = sent_words
     n_keys = sum(a.keys)
+    # whose fact is it: the claim's first name (its subject, usually) in the passage or not, and how far into the
+    # claim the first name/number/date the passage lacks comes ("X was born in Y": a missing X is another subject,
+    # a missing Y another value of the same subject's fact)
+    have = {t.norm for t in view.text.tokens}
+    toks = claim_text.tokens
+    first_name = next((t for t in toks if t.kind == "name"), None)
+    subject = 0.5 if first_name is None else float(first_name.norm in have)
+    missing_at = next((i for i, t in enumerate(toks) if t.kind in ("name", "num", "date") and t.norm not in have
+                       and not (t.kind == "date" and t.norm[: len(DATE_TOKEN) + 6] in have)), None)
+    first_missing = 1.5 if missing_at is None else missing_at / max(1, len(toks) - 1)
+    tail = words[len(words) - max(1, len(words) // 3):] if words else []  # the object or value, usually
+    tail_cover = sum(w in have for w in tail) / len(tail) if tail else 0.0
     return [
         a.overlap, a.topic, math.log1p(a.content), *map(float, a.keys), *map(float, a.keys_missing),
         a.missing / n_keys if n_keys else 0.0, *map(float, a.quantities),
@@ -115,7 +139,7 @@ def features(claim: str, claim_text: _Text, view: _PassageView, title: str, lexi
         float(verdict is not None and verdict.label == SUPPORTED),
         float(verdict is not None and verdict.label == REFUTED),
         best[0], best[1], float(claim_negated != best[2] if best[0] > 0 else 0.0),
-        math.log1p(len(view.text.tokens)), best_keys, best_window,
+        math.log1p(len(view.text.tokens)), best_keys, best_window, subject, first_missing, tail_cover,
     ]
 
 
@@ -257,6 +281,7 @@ class TrainJudgeConfig:
     heldout_fraction: float = 0.5  # of the leads' articles, held out whole (the benchmark's contrastive test set)
     calibration_fraction: float = 0.15  # of the training groups, held out for the temperature and the report
     edits: int = 12_000  # sentence-level edit pairs
+    subject_swaps: int = 2_000  # another subject in a lead's first sentence, against that lead (NOT_ENOUGH_INFO)
     halueval: bool = True
     vitaminc: int = 20_000  # pairs, when BIG-bench is available
     max_iter: int = 300
@@ -310,21 +335,47 @@ def halueval_knowledge(row: dict) -> str:
     return row["knowledge"].replace(".", ". ").replace(".  ", ". ")
 
 
+def subject_swaps(leads: Sequence[dict], n: int, seed: int = 0) -> list[Example]:
+    """NOT_ENOUGH_INFO pairs as retrieval makes them: another article's subject put into a lead's first sentence,
+    judged against *that lead* (the passage that shares every word but the subject, and is about someone else).
+
+    >>> leads = [{"id": "a", "title": "Ada", "text": "Ada was a mathematician. She wrote notes."},
+    ...          {"id": "b", "title": "Bob", "text": "Bob was a baker."}]
+    >>> sorted((e.claim, e.title) for e in subject_swaps(leads, 2, seed=1))
+    [('Ada was a baker.', 'Bob'), ('Bob was a mathematician.', 'Ada')]
+    """
+    rng = random.Random(seed)
+    def name(lead: dict) -> str:
+        return lead["title"].split(" (")[0]  # "Mercury (planet)" is written "Mercury"
+
+    firsts = [(lead, _SENTENCES.split(lead["text"])[0]) for lead in leads]
+    firsts = [(lead, s) for lead, s in firsts if name(lead) in s and len(s.split()) <= 60]
+    out: list[Example] = []
+    for lead, sentence in rng.sample(firsts, min(n, len(firsts))):
+        other = name(rng.choice(firsts)[0])
+        if other == name(lead) or other in lead["text"]:
+            continue
+        out.append(Example(sentence.replace(name(lead), other, 1), lead["title"], lead["text"], NOT_ENOUGH_INFO,
+                           "subject_swaps", lead["id"]))
+    return out
+
+
 def training_examples(cfg: TrainJudgeConfig) -> list[Example]:
     """Every training example, none from the benchmark's held-out articles or HaluEval test rows."""
     from services.verification import contrastive, nli
 
     leads = _leads(cfg)
-    train_items, _held = contrastive.split_by_article(contrastive.build(leads, seed=cfg.seed), cfg.heldout_fraction,
-                                                      seed=cfg.seed)
+    train_items, held = contrastive.split_by_article(contrastive.build(leads, seed=cfg.seed), cfg.heldout_fraction,
+                                                     seed=cfg.seed)
     out = [Example(i.claim, i.title, i.evidence, i.label, "contrastive", i.article) for i in train_items]
-    train_articles = {i.article for i in train_items}
-    train_leads = [lead for lead in leads if lead["id"] in train_articles]
+    held_articles = {i.article for i in held}  # the benchmark's test articles: none of their text is trained on
+    train_leads = [lead for lead in leads if lead["id"] not in held_articles]
     by_sentence = {s: lead for lead in train_leads for s in nli._SENT.split(lead["text"])}
     for ex in nli.synthetic_pairs([lead["text"] for lead in train_leads], cfg.edits, seed=cfg.seed):
         lead = by_sentence.get(nli._SENT.split(ex.evidence)[0])
         out.append(Example(ex.claim, lead["title"] if lead else "", ex.evidence, nli.LABELS[ex.label], "edits",
                            lead["id"] if lead else ex.evidence[:40]))
+    out += subject_swaps(train_leads, cfg.subject_swaps, cfg.seed)
     if cfg.halueval:
         train_rows, _ = halueval_split(cfg.cache)
         for i, r in enumerate(train_rows):

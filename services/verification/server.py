@@ -7,7 +7,6 @@ import logging
 
 from knowserve.verification.v1 import verification_service_pb2 as pb
 from knowserve.verification.v1 import verification_service_pb2_grpc as pb_grpc
-from services.common.clients import ClientOptions
 from services.common.errors import InvalidArgument, Unavailable
 from services.common.server import ServiceApp, ServiceBinding
 from services.retrieval.client import RetrievalClient, passage_from_proto
@@ -92,8 +91,9 @@ class VerificationApp(ServiceApp):
             from services.generation.client import GenerationClient
             from services.verification.llm import LlmJudge
 
-            self.generation = GenerationClient(s.generation_target, ClientOptions(
-                timeout_seconds=s.generation_timeout_seconds, retries=s.generation_retries), s.generation_app_name,
+            self.generation = GenerationClient(s.generation_target, s.client_options(
+                "generation", timeout_seconds=s.generation_timeout_seconds, retries=s.generation_retries),
+                s.generation_app_name,
                 model=s.generation_model, internal=True)
             llm_generate = self.generation.greedy
             judges["llm"] = LlmJudge(llm_generate)
@@ -116,8 +116,8 @@ class VerificationApp(ServiceApp):
             log.warning("feature judge disabled: %s", feature)
         else:
             judges["feature"] = feature
-        self.retrieval = RetrievalClient(s.retrieval_target, ClientOptions(
-            timeout_seconds=s.retrieval_timeout_seconds, retries=s.retrieval_retries))
+        self.retrieval = RetrievalClient(s.retrieval_target, s.client_options(
+            "retrieval", timeout_seconds=s.retrieval_timeout_seconds, retries=s.retrieval_retries))
         mode = s.retrieval_mode
 
         async def search(queries, top_k):

@@ -7,13 +7,15 @@ import asyncio
 
 import pytest
 
+from tests.conftest import GENERATION_TOKEN
+
 pytestmark = pytest.mark.timeout(600)
 
 
 def _client(app):
     from openai import OpenAI
 
-    return OpenAI(base_url=f"http://127.0.0.1:{app.http_port}/v1", api_key="unused", max_retries=0, timeout=120)
+    return OpenAI(base_url=f"http://127.0.0.1:{app.http_port}/v1", api_key=GENERATION_TOKEN, max_retries=0, timeout=120)
 
 
 async def test_openai_client_against_the_http_endpoint(serve_generation_app):

@@ -13,11 +13,11 @@ import pytest
 
 from knowserve.generation.v1 import generation_service_pb2 as pb
 from knowserve.generation.v1 import generation_service_pb2_grpc as pb_grpc
-from tests.conftest import ROOT, SERVE_APP, run_tool, tool
+from tests.conftest import GENERATION_TOKEN, ROOT, SERVE_APP, SERVE_META, run_tool, tool
 from tests.generation.conftest import teach
 
 pytestmark = pytest.mark.timeout(900)
-META = (("application", SERVE_APP),)
+META = SERVE_META  # the application and the session app's bearer token
 
 
 async def test_generate_through_serve_grpc_proxy_and_grpcurl(serve_generation):
@@ -48,6 +48,7 @@ async def test_generate_through_serve_grpc_proxy_and_grpcurl(serve_generation):
         assert [t for m in chunks for t in m.token_ids] == list(greedy.completions[0].token_ids)
     out = await run_tool(tool("grpcurl"), "-plaintext", "-import-path", str(ROOT / "protos"), "-proto",
                          "knowserve/generation/v1/generation_service.proto", "-rpc-header", f"application: {SERVE_APP}",
+                         "-rpc-header", f"authorization: Bearer {GENERATION_TOKEN}",
                          "-d", '{"prompts": [{"text": "Hello"}], "sampling": {"max_tokens": 3}}', target,
                          "knowserve.generation.v1.GenerationService/Generate")
     assert out.returncode == 0 and '"weightVersion": "1"' in out.stdout, out.stdout + out.stderr
@@ -193,3 +194,47 @@ async def test_named_models_are_isolated_and_roll_back_to_kept_versions(serve_ge
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await call(b"\xff\xff\xff\x07garbage", metadata=META, timeout=30)
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, err.value.details())
+
+
+async def test_every_rpc_and_the_http_routes_require_the_token(serve_generation_app):
+    """Auth on (the session app runs with a token): no token or a wrong one is UNAUTHENTICATED on every RPC of
+    Serve's gRPC proxy and 401 in OpenAI's shape on the HTTP routes, with nothing about valid tokens; health
+    answers without one."""
+    import json
+    import urllib.error
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    app = serve_generation_app
+    requests = {"Generate": pb.GenerateRequest(prompts=[pb.Prompt(text="x")]),
+                "GetModelInfo": pb.GetModelInfoRequest(), "ListModels": pb.ListModelsRequest(),
+                "UpdateWeights": pb.UpdateWeightsRequest(checkpoint_uri="/nonexistent", version=99),
+                "RollbackWeights": pb.RollbackWeightsRequest(version=1)}
+    async with grpc.aio.insecure_channel(app.target) as ch:
+        for metadata in ((("application", SERVE_APP),),
+                         (("application", SERVE_APP), ("authorization", "Bearer wrong")),
+                         (("application", SERVE_APP), ("authorization", GENERATION_TOKEN))):  # no "Bearer "
+            for method, request in requests.items():
+                call = ch.unary_unary(f"/knowserve.generation.v1.GenerationService/{method}",
+                                      request_serializer=type(request).SerializeToString)
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await call(request, metadata=metadata, timeout=30)
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, (method, err.value.details())
+                assert GENERATION_TOKEN not in err.value.details()
+            stream = pb_grpc.GenerationServiceStub(ch).GenerateStream(
+                pb.GenerateStreamRequest(prompt=pb.Prompt(text="x")), metadata=metadata, timeout=30)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                _ = [m async for m in stream]
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        health = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
+                                                          metadata=(("application", SERVE_APP),), timeout=30)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+    for path, body in (("/v1/models", None), ("/v1/chat/completions",
+                                              {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]})):
+        req = urllib.request.Request(f"http://127.0.0.1:{app.http_port}{path}",
+                                     data=json.dumps(body).encode() if body else None,
+                                     headers={"Content-Type": "application/json", "Authorization": "Bearer wrong"})
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=60)
+        assert err.value.code == 401
+        assert json.loads(err.value.read())["error"]["type"] == "authentication_error"
