@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 from services.retrieval.core import Passage  # noqa: E402
 from services.verification import nli  # noqa: E402
 from services.verification import learned  # noqa: E402
+from services.verification import normalise  # noqa: E402
 from services.verification.judges import LexicalJudge, NliJudge  # noqa: E402
 
 LABELS = nli.LABELS
@@ -293,6 +294,7 @@ def main() -> None:
                "majority_class": Counter(gold).most_common(1)[0][1] / len(gold),
                "length_only": length_baseline(fit, [(c, g) for c, _, g in items]) if fit else float("nan")}
         for jname, judge in judges.items():
+            normalise.clear_caches()  # each judge parses cold: a warm cache from the judge before would flatter it
             acc, cps = judge_accuracy(judge, items, binary)
             row[jname] = acc
             results.setdefault("claims_per_second_batch32", {}).setdefault(jname, []).append(cps)

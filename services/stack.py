@@ -20,6 +20,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from services.common.addresses import LOCAL_HOST, SERVICES
 from services.common.auth import TOKEN_FILE_ENV
 from services.common.clients import ServiceClient
 from services.common.progress import console as make_console
@@ -198,6 +199,10 @@ def _service_env(name: str) -> dict[str, str]:
         env.setdefault(prefix + "TRAINER_THREADS", "2")  # a run is the main load while it trains
         env.setdefault(prefix + "RUNS_DIR", str(run_dir() / "runs"))
         env.setdefault(prefix + "EVAL_DIR", str(run_dir() / "eval"))
+    for other in SERVICES:  # a stack on other ports: each service finds the others where they listen
+        port = os.environ.get(f"KNOWSERVE_{other.upper()}_PORT")
+        if port and other != name:
+            env.setdefault(f"{prefix}{other.upper()}_TARGET", f"{LOCAL_HOST}:{port}")
     state, d = security_state(), security_dir()
     if state.get("auth"):  # one token: each service requires it and sends it (its client token defaults to it)
         env.setdefault(prefix + "AUTH_TOKEN_FILE", str(d / "token"))
@@ -275,7 +280,10 @@ def up(services: str | None = None, timeout: float = 180.0, auth: bool = False, 
     service requires (and sends) a generated token; ``tls``: mTLS with generated certificates."""
     procs = {n: p for n, p in load_state().items() if _ours(p)}
     if procs and security_state() != {"auth": auth, "tls": tls}:
-        raise SystemExit(f"the stack is running with {security_state()}; `knowserve down` first to change it")
+        was = security_state()
+        flags = " ".join(f"--{k}" for k, on in was.items() if on) or "no --auth/--tls"
+        raise SystemExit(f"the stack is running with {flags}: pass the same flags, or `knowserve down` first to "
+                         "change its security")
     ensure_security(auth, tls)
     for key, value in client_security_env().items():
         os.environ.setdefault(key, value)  # this process's health checks and the demo's own clients

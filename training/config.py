@@ -42,6 +42,26 @@ RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 __all__ = ["ConfigError", "Hyperparameters", "Resolved", "RunConfig", "TrainingRecipe", "recipes"]
 
 
+
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a run's folder name under the runs dir: no paths
+
+
+def check_run_id(run_id: str) -> str:
+    """``run_id`` when it is a safe folder name, else a ConfigError naming the rule.
+
+    >>> check_run_id("knowrl-20261207")
+    'knowrl-20261207'
+    >>> check_run_id("../etc")
+    Traceback (most recent call last):
+    ...
+    training.errors.ConfigError: run_id '../etc' must be 1-64 letters, digits, '.', '_' or '-' (starting with a letter or digit)
+    """
+    if not RUN_ID.fullmatch(run_id):
+        shown = run_id if len(run_id) <= 80 else run_id[:80] + "..."
+        raise ConfigError(f"run_id {shown!r} must be 1-64 letters, digits, '.', '_' or '-' (starting with a letter "
+                          "or digit)")
+    return run_id
+
 class Hyperparameters(BaseModel):
     """Hyperparameters of every algorithm (each takes its own; :mod:`training.algorithms`); ``None`` takes the
     algorithm's (and, for GRPO, the recipe's) default."""
@@ -270,8 +290,8 @@ class RunConfig(BaseModel):
         if h.learning_rate <= 0:
             raise ConfigError(f"hyperparameters.learning_rate must be positive, got {h.learning_rate}")
         spec.check(h)
-        if self.run_id and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", self.run_id):
-            raise ConfigError(f"run_id {self.run_id!r} must be 1-64 letters, digits, '.', '_' or '-'")
+        if self.run_id:
+            check_run_id(self.run_id)
         if not self.model:
             raise ConfigError("model is empty; give an HF model folder (make demo builds .knowserve/models/demo-world)")
         check_causal_lm(self.model)

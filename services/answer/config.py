@@ -45,6 +45,9 @@ class AnswerSettings(ServiceSettings):
     live_queue_size: int = Field(256, ge=1, description="Samples waiting for live verification before new ones "
                                  "are dropped (and counted).")
     live_window: int = Field(500, ge=10, description="Verified answers kept per model version for live stats.")
+    live_max_series: int = Field(64, ge=1, description="(model, weight version) series the live monitor tracks at "
+                                 "once; samples opening more are dropped (bounds memory and metric labels; versions "
+                                 "generation no longer keeps are pruned).")
     live_prune_seconds: float = Field(30.0, gt=0, description="How often the series of versions generation no "
                                       "longer keeps are removed.")
     max_completion_bytes: int = Field(16_000, ge=16, description="ObserveGeneration completions.")

@@ -54,6 +54,7 @@ LIVE_SUPPORT = Histogram("knowserve_live_support_ratio", "Share of a served answ
                          ["model", "weight_version"], buckets=(0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 0.9, 1.0))
 LIVE_LAG = Histogram("knowserve_live_verification_lag_seconds", "Time from a served answer to its live verdict.",
                      ["model"], buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+OTHER_SERIES = "_other"  # the model label of samples dropped for opening one series too many
 LIVE_DROPPED = Counter("knowserve_live_dropped_samples", "Samples not verified: the queue was full, or verification "
                        "was unavailable.", ["model", "reason"])
 LIVE_QUEUE = Gauge("knowserve_live_queue_depth", "Samples waiting for live verification.")
@@ -171,8 +172,10 @@ class LiveMonitor:
 
     def __init__(self, verify: VerifyFn, queue_size: int, window: int, threshold: float,
                  kept_versions: Callable[[], Awaitable[dict[str, set[int]]]] | None = None,
-                 prune_seconds: float = 30.0):
+                 prune_seconds: float = 30.0, max_series: int = 64):
         self.verify = verify
+        self.max_series = max_series  # (model, version) series tracked: bounds memory and metric cardinality
+        self._admitted: set[tuple[str, int]] = set()
         self.queue: asyncio.Queue[Sample] = asyncio.Queue(maxsize=queue_size)
         self.window = window
         self.threshold = threshold
@@ -195,7 +198,14 @@ class LiveMonitor:
                 await asyncio.gather(task, return_exceptions=True)
 
     def offer(self, sample: Sample) -> bool:
-        """Queue ``sample`` without waiting; False (counted) when the queue is full."""
+        """Queue ``sample`` without waiting; False (counted) when the queue is full, or when it would open a
+        series past ``max_series`` (a caller naming ever new models or versions cannot grow memory or metrics)."""
+        key = (sample.model, sample.weight_version)
+        if key not in self._admitted:
+            if len(self._admitted) >= self.max_series:
+                LIVE_DROPPED.labels(OTHER_SERIES, "too_many_series").inc()
+                return False
+            self._admitted.add(key)
         try:
             self.queue.put_nowait(sample)
         except asyncio.QueueFull:
@@ -260,8 +270,12 @@ class LiveMonitor:
     def prune(self, kept: dict[str, set[int]]) -> list[tuple[str, str]]:
         """Remove the series and history of versions generation no longer keeps; returns the removed labels."""
         removed = []
+        if kept:  # generation answered: series of models it does not serve at all go too
+            for model, version in list(self._admitted):
+                if model not in kept or version not in kept[model]:
+                    self._admitted.discard((model, version))
         for model, version in list(self._labels):
-            if model in kept and int(version) not in kept[model]:
+            if kept and (model not in kept or int(version) not in kept[model]):
                 for metric, extra in ((LIVE_CLAIMS, [v.lower() for v in (SUPPORTED, REFUTED, NOT_ENOUGH_INFO)]),
                                       (LIVE_ANSWERS, [ANSWERED, FLAGGED, ABSTAINED, DECLINED]),
                                       (LIVE_SUPPORT, [None]), (LIVE_UNSUPPORTED, [None])):

@@ -38,9 +38,12 @@ def result_to_proto(r: AnswerResult) -> pb.AnswerResponse:
         verified=r.verified, timings=r.timings)
 
 
-def _args(request: pb.AnswerRequest) -> dict:
+def _args(request: pb.AnswerRequest, limits: Limits) -> dict:
     if request.evidence_mode not in _MODES:
         raise InvalidArgument("evidence_mode", f"unknown evidence mode {request.evidence_mode}")
+    if len(request.conversation) > limits.max_turns:  # before the turns become Python objects
+        raise InvalidArgument("conversation", f"{len(request.conversation)} turns, above the limit of "
+                              f"{limits.max_turns}")
     return dict(question=request.question, conversation=[{"role": t.role, "content": t.content}
                                                          for t in request.conversation],
                 top_k=request.top_k,
@@ -53,10 +56,11 @@ class AnswerServicer(pb_grpc.AnswerServiceServicer):
         self.app = app
 
     async def Answer(self, request: pb.AnswerRequest, context) -> pb.AnswerResponse:
-        return result_to_proto(await self.app.require_core().answer(**_args(request)))
+        core = self.app.require_core()
+        return result_to_proto(await core.answer(**_args(request, core.limits)))
 
     async def AnswerStream(self, request: pb.AnswerStreamRequest, context):
-        args = _args(request.request)
+        args = _args(request.request, self.app.require_core().limits)
         if args["mode"] == SEARCH_TOOL:
             raise InvalidArgument("evidence_mode", "AnswerStream takes EVIDENCE_MODE_PASSAGES (the search tool runs "
                                   "inside one Generate call); use Answer")
@@ -156,7 +160,7 @@ class AnswerApp(ServiceApp):
             return {m.model: {k.version for k in m.kept_versions} for m in await generation.list_models()}
 
         self.monitor = LiveMonitor(verify, s.live_queue_size, s.live_window, s.default_support_threshold,
-                                   kept_versions, s.live_prune_seconds)
+                                   kept_versions, s.live_prune_seconds, s.live_max_series)
         self.monitor.start()
         limits = Limits(s.max_question_bytes, s.max_turns, s.default_top_k, s.max_top_k, s.default_max_tokens,
                         s.max_tokens_limit, s.default_support_threshold, s.max_completion_bytes)

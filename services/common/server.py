@@ -120,14 +120,16 @@ class _Interceptor(grpc.aio.ServerInterceptor):
             raise Unauthenticated(auth.BEARER_HINT)
         check_parsed(request)
 
-    async def _abort(self, context: grpc.aio.ServicerContext, exc: Exception, record: CallRecord) -> None:
-        """End the call for ``exc`` with its mapped status (an abort already under way passes through)."""
+    @staticmethod
+    def _failure(context: grpc.aio.ServicerContext, exc: Exception, record: CallRecord) -> str:
+        """The status message for ``exc`` (its code into ``record``; unexpected errors logged with the trace here).
+        An abort already under way passes through."""
         if isinstance(exc, grpc.aio.AbortError):
             if record.code == grpc.StatusCode.OK:
                 record.code = context.code() or grpc.StatusCode.UNKNOWN
             raise exc
         record.code, message = status_of(exc)
-        await context.abort(record.code, message)
+        return message
 
     def _record(self, method: str) -> CallRecord:
         return CallRecord(metrics.RPC_REQUESTS, metrics.RPC_DURATION, metrics.RPC_IN_FLIGHT, service=self.service,
@@ -136,35 +138,42 @@ class _Interceptor(grpc.aio.ServerInterceptor):
     def _wrap_unary(self, behavior, method: str, authorized: bool):
         async def wrapped(request, context: grpc.aio.ServicerContext):
             record = self._record(method)
+            failure = None
             try:
                 self._admit(request, authorized)
                 remaining = context.time_remaining()
                 async with asyncio.timeout(self.default_deadline if remaining is None else remaining):
                     return await behavior(request, context)
             except Exception as exc:  # noqa: BLE001 - this is the one place errors are mapped
-                await self._abort(context, exc, record)
+                failure = self._failure(context, exc, record)
             except asyncio.CancelledError:
                 record.code = grpc.StatusCode.CANCELLED
                 raise
             finally:
                 record.finish()
+            # aborted outside the except block: the abort does not chain the error, whose traceback holds the
+            # request (a cycle only the cyclic GC would free: 20k-entry requests grew RSS by ~70 MB per 200 calls)
+            await context.abort(record.code, failure)
 
         return wrapped
 
     def _wrap_stream(self, behavior, method: str, authorized: bool):
         async def wrapped(request, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             record = self._record(method)
+            failure = None
             try:
                 self._admit(request, authorized)
                 async for item in behavior(request, context):
                     yield item
             except Exception as exc:  # noqa: BLE001
-                await self._abort(context, exc, record)
+                failure = self._failure(context, exc, record)
             except (asyncio.CancelledError, GeneratorExit):
                 record.code = grpc.StatusCode.CANCELLED
                 raise
             finally:
                 record.finish()
+            if failure is not None:
+                await context.abort(record.code, failure)
 
         return wrapped
 

@@ -246,6 +246,21 @@ class WeightSlot:
             self.gate.leave()
 
 
+def prompt_ids_of(engine, prompt: Prompt, field: str) -> list[int]:
+    """The token ids of ``prompt`` (its chat template applied), or INVALID_ARGUMENT naming ``field``: a template
+    the model cannot apply, text that encodes to no tokens at all (control characters only: a forward pass over
+    nothing fails), or more tokens than the model's context."""
+    try:
+        ids = engine.apply_chat_template(prompt.messages) if prompt.messages is not None else engine.encode(prompt.text)
+    except ValueError as e:
+        raise InvalidArgument(field, str(e)) from None
+    if not ids:
+        raise InvalidArgument(field, "encodes to no tokens (the text has nothing the tokenizer keeps)")
+    if len(ids) >= engine.max_model_len:
+        raise InvalidArgument(field, f"{len(ids)} tokens, the model's context is {engine.max_model_len}")
+    return ids
+
+
 class GenerationCore:
     """Validates requests and produces completions (see the module docstring)."""
 
@@ -321,16 +336,7 @@ class GenerationCore:
     async def _generate(self, prompts: Sequence[Prompt], p: GenerateParams, protocol: ToolProtocol | None,
                         weights: Weights) -> list[Completion]:
         engine = weights.engine
-        prompt_ids: list[list[int]] = []
-        for i, pr in enumerate(prompts):
-            try:
-                ids = engine.apply_chat_template(pr.messages) if pr.messages is not None else engine.encode(pr.text)
-            except ValueError as e:
-                raise InvalidArgument(f"prompts[{i}]", str(e)) from None
-            if len(ids) >= engine.max_model_len:
-                raise InvalidArgument(f"prompts[{i}]", f"{len(ids)} tokens, the model's context is "
-                                      f"{engine.max_model_len}")
-            prompt_ids.append(ids)
+        prompt_ids = [prompt_ids_of(engine, pr, f"prompts[{i}]") for i, pr in enumerate(prompts)]
         samples = [(i, k) for i in range(len(prompts)) for k in range(p.n)]
         states = [_Sample(prompt_ids[i]) for i, _ in samples]
         stop = p.stop + ((protocol.query_close,) if protocol else ())
@@ -384,9 +390,7 @@ class GenerationCore:
 
     async def _stream(self, prompt: Prompt, p: GenerateParams, weights: Weights):
         engine = weights.engine
-        ids = engine.apply_chat_template(prompt.messages) if prompt.messages is not None else engine.encode(prompt.text)
-        if len(ids) >= engine.max_model_len:
-            raise InvalidArgument("prompt", f"{len(ids)} tokens, the model's context is {engine.max_model_len}")
+        ids = prompt_ids_of(engine, prompt, "prompt")
         sampling = Sampling(p.temperature, p.top_p, p.top_k, min(p.max_tokens, engine.max_model_len - len(ids)),
                             p.stop, p.seed, logprobs=p.return_logprobs)
         sent: list[int] = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from knowserve.training.v1 import training_service_pb2 as pb
+from services.common.errors import InvalidArgument
 
 if TYPE_CHECKING:
     from training.config import Hyperparameters, Resolved, RunConfig
@@ -25,9 +26,20 @@ def hyper_to_proto(h: "Hyperparameters | Resolved", only: set[str] | None = None
 
 def hyper_from_proto(h: pb.Hyperparameters) -> "Hyperparameters":
     """Zero fields mean "the default" (None)."""
+    from pydantic import ValidationError
+
     from training.config import Hyperparameters
 
-    return Hyperparameters(
+    try:
+        return _hyperparameters(Hyperparameters, h)
+    except ValidationError as e:  # a value outside a field's choices or type: the field and what it takes
+        err = e.errors()[0]
+        field = ".".join(str(x) for x in err["loc"])
+        raise InvalidArgument(f"hyperparameters.{field}", err["msg"]) from None
+
+
+def _hyperparameters(cls, h: pb.Hyperparameters):
+    return cls(
         learning_rate=h.learning_rate or None, max_steps=h.max_steps or None, group_size=h.group_size or None,
         batch_size=h.batch_size or None, beta=h.beta if h.HasField("beta") else None,
         loss_type=LOSSES.get(h.loss_type), sync_every=h.sync_every or None,

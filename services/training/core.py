@@ -17,10 +17,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.common.auth import TOKEN_FILE_ENV
+from pydantic import ValidationError
+
+from services.common.auth import TLS_CA_ENV, TLS_CERT_ENV, TLS_KEY_ENV, TOKEN_FILE_ENV
 from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from services.training.config import TrainingSettings
-from training.config import ConfigError, Hyperparameters, RunConfig
+from training.config import ConfigError, Hyperparameters, RunConfig, check_run_id
 from training.runs import FAILED, LIVE, PENDING, RunDir, RunState, prepare_run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,6 +66,10 @@ class TrainingCore:
     def _run(self, run_id: str) -> RunDir:
         if not run_id:
             raise InvalidArgument("run_id", "is required")
+        try:
+            check_run_id(run_id)  # a folder name, never a path out of the runs dir
+        except ConfigError as e:
+            raise InvalidArgument("run_id", str(e).removeprefix("run_id ")) from None
         run = RunDir(self.runs_dir / run_id)
         if not run.state_path.exists():
             raise NotFound(f"run {run_id!r} does not exist in {self.runs_dir}")
@@ -158,6 +164,9 @@ class TrainingCore:
             return RunConfig(**fields).check()
         except ConfigError as e:
             raise InvalidArgument(_field_of(str(e)), str(e)) from None
+        except ValidationError as e:  # a run option outside its type or choices
+            err = e.errors()[0]
+            raise InvalidArgument(".".join(str(x) for x in err["loc"]) or "options", err["msg"]) from None
         except ValueError as e:  # pydantic: an unknown loss type, a wrong type
             raise InvalidArgument("hyperparameters", str(e).splitlines()[0] + ": " + str(e)) from None
 
@@ -185,6 +194,10 @@ class TrainingCore:
         token_file = self._client_token_file(run)
         if token_file is not None:  # the run calls generation and reward with the service's token
             env[TOKEN_FILE_ENV] = str(token_file)
+        for name, path in ((TLS_CA_ENV, self.s.client_tls_ca_file), (TLS_CERT_ENV, self.s.client_tls_cert_file),
+                           (TLS_KEY_ENV, self.s.client_tls_key_file)):
+            if path is not None:  # and over the service's client TLS (generation stays plaintext: PLAINTEXT_ENV)
+                env[name] = str(Path(path).resolve())
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
                                 start_new_session=True)
         log.close()

@@ -128,6 +128,7 @@ class Alignment:
     title_named: bool | None  # is the passage's title named in the claim (None: no title)
     topic: float  # share of the claim's other content words the passage holds
     conflict: bool  # the passage puts another name/number/date in a missing key's slot
+    carried: frozenset[str] = frozenset()  # claim words a comparable quantity says ("long", "deep"): not content
 
     @property
     def missing(self) -> int:
@@ -141,8 +142,9 @@ def align(claim_text: _Text, passage_text: _Text, title: str = "", window: int =
     measured = {q.dimension for q, ok in zip(claim_text.quantities, status) if ok is not None}
     # "long", "deep", "holds": the dimension a comparable quantity measures is said by the quantity itself (whether
     # its value agrees or not: "7,200 metres high" against "height 8,849 metres" is about the same thing)
-    content = [t for t in _content(claim)
-               if not (t.kind == "word" and any(t.norm in DIMENSION_WORDS.get(d, ()) for d in measured))]
+    carried = frozenset(t.norm for t in _content(claim)
+                        if t.kind == "word" and any(t.norm in DIMENSION_WORDS.get(d, ()) for d in measured))
+    content = [t for t in _content(claim) if t.norm not in carried]
     have = {t.norm for t in passage}
     have |= {t.norm[: len(DATE_TOKEN) + 6] for t in passage if t.kind == "date"}  # "July 1934" in "4 July 1934"
     missing = [t for t in content if t.norm not in have]
@@ -168,7 +170,7 @@ def align(claim_text: _Text, passage_text: _Text, title: str = "", window: int =
         keys_missing=(count(keys_missing, "name"), count(keys_missing, "num"), count(keys_missing, "date")),
         quantities=(status.count(True), status.count(False), status.count(None)),
         title_named=title_named, topic=sum(t.norm in have for t in others) / len(others) if others else 0.0,
-        conflict=conflict)
+        conflict=conflict, carried=carried)
 
 
 def _conflicts(claim: list[_Tok], key: _Tok, passage: list[_Tok], positions: dict, window: int) -> bool:

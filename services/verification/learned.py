@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 LABELS = (SUPPORTED, REFUTED, NOT_ENOUGH_INFO)  # class index -> label
 META_FILE = "knowserve_judge.json"
 MODEL_FILE = "model.skops"
-FORMAT = 1
+FORMAT = 2  # the meaning of the features: 2 = words a comparable quantity carries are not coverage words
 
 _SENTENCES = re.compile(r"(?<=[.!?;])\s+(?=[A-Z0-9\"'(])")
 _NEGATION = {"not", "no", "never", "n't", "nor", "neither", "none", "without", "cannot"}
@@ -102,7 +102,7 @@ def features(claim: str, claim_text: _Text, view: _PassageView, title: str, lexi
     """
     a: Alignment = align(claim_text, view.text, title, lexical.window)
     verdict = lexical.decide(a)
-    words = [t.norm for t in _content(claim_text.tokens)]
+    words = [t.norm for t in _content(claim_text.tokens) if t.norm not in a.carried]  # "long": the quantity's
     keys = [t.norm for t in claim_text.tokens if t.kind in ("name", "num", "date")]
     pairs = set(zip(words, words[1:]))
     claim_negated = bool(_NEG_WORD.search(claim))
@@ -427,6 +427,18 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins
     return round(float(ece), 6)
 
 
+def source_weights(sources: Sequence[str]) -> np.ndarray:
+    """Per-example weights sqrt(n_largest / n_source): the few contrastive quantity/date/place claims and HaluEval
+    pairs count for more than their numbers, without drowning the many sentence edits; (n,) -> (n,).
+
+    >>> source_weights(["edits"] * 4 + ["contrastive"]).round(2).tolist()
+    [1.0, 1.0, 1.0, 1.0, 2.0]
+    """
+    counts = _count(sources)
+    top = max(counts.values())
+    return np.array([math.sqrt(top / counts[s]) for s in sources])
+
+
 def train_judge(cfg: TrainJudgeConfig, progress: bool = True) -> TrainJudgeReport:
     """Train the feature judge, calibrate it on held-out groups and write the model folder."""
     from sklearn.ensemble import HistGradientBoostingClassifier
@@ -449,7 +461,7 @@ def train_judge(cfg: TrainJudgeConfig, progress: bool = True) -> TrainJudgeRepor
     clf = HistGradientBoostingClassifier(max_iter=cfg.max_iter, learning_rate=cfg.learning_rate,
                                          max_leaf_nodes=cfg.max_leaf_nodes, random_state=cfg.seed,
                                          early_stopping=True, validation_fraction=0.1)
-    clf.fit(x_fit, y_fit)
+    clf.fit(x_fit, y_fit, sample_weight=source_weights([e.source for e in fit]))
     logits = _logits(clf, x_cal)
     temperature = fit_temperature(logits, y_cal)
     before, after = softmax(logits), softmax(logits, temperature)
@@ -496,14 +508,24 @@ def _jsonable(d: dict) -> dict:
     return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
 
 
+def _stale(path: Path) -> bool:
+    """A readable model folder made by another version of the features (retrained, not refused, when allowed)."""
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+    except (OSError, ValueError):
+        return False  # missing or unreadable: not "stale", the load below names the problem
+    return meta.get("format") != FORMAT or tuple(meta.get("features", ())) != FEATURES
+
+
 def load_feature_judge(s) -> FeatureJudge | str:
     """The feature judge of :class:`~services.verification.config.VerificationSettings` ``s`` from its folder, or
     why it is not ready (then ListJudges lists it as not ready). As the default judge it must load: a missing
     folder is trained (``judge_train_if_missing``); an unreadable one stops the service, naming the fix."""
     default = s.default_judge == "feature"
     path = Path(s.judge_model_path)
-    if not path.exists() and default and s.judge_train_if_missing:
-        log.info("the default judge `feature` has no model in %s: training it now (knowserve train-judge)", path)
+    if (not path.exists() or _stale(path)) and default and s.judge_train_if_missing:
+        log.info("the default judge `feature` has no model (of this version) in %s: training it now (knowserve "
+                 "train-judge)", path)
         try:
             train_judge(TrainJudgeConfig(out_dir=path))
         except Exception as e:  # noqa: BLE001 — any failure stops the start with the command to run by hand

@@ -336,3 +336,13 @@ def mark_dates(text: str) -> str:
         return text
 
 
+
+
+def clear_caches() -> None:
+    """Forget the memoised quantity windows, dates and stems, so a timed pass measures cold parsing (benchmarks) —
+    the caches are bounded (65,536 texts each) and otherwise live as long as the process."""
+    from services.verification import judges
+
+    _window_quantities.cache_clear()
+    mark_dates.cache_clear()
+    judges._stem.cache_clear()

@@ -122,3 +122,22 @@ async def test_a_full_queue_drops_and_counts_without_blocking_and_pruning_remove
                                      {"model": "m", "weight_version": "1", "outcome": "answered"}) is None
     assert monitor.stats("m", 1)[0] == 0 and monitor.stats("m", 2)[0] == 1
     await monitor.stop()
+
+
+async def test_the_live_monitor_tracks_a_bounded_number_of_series():
+    """Samples naming ever new models or versions (a caller of ObserveGeneration) cannot grow memory or metric
+    labels: past ``max_series`` they are dropped and counted under one label; pruning frees their places."""
+    from services.answer.core import OTHER_SERIES, LiveMonitor, Sample
+
+    async def verify(text, evidence, topic):
+        return [(text, 0, len(text), SUPPORTED, 0.9, ["p#0"])]
+
+    monitor = LiveMonitor(verify, queue_size=100, window=10, threshold=0.5, max_series=3)
+    before = sample_value("knowserve_live_dropped_samples_total", model=OTHER_SERIES, reason="too_many_series")
+    offered = [monitor.offer(Sample(f"model-{i}", 1, "q", "claim.", None)) for i in range(10)]
+    assert offered == [True] * 3 + [False] * 7
+    assert monitor.offer(Sample("model-0", 1, "q", "again.", None))  # a tracked series still takes samples
+    assert sample_value("knowserve_live_dropped_samples_total", model=OTHER_SERIES,
+                        reason="too_many_series") - before == 7
+    monitor.prune({"model-0": {1}})  # generation serves only model-0: the others' places are free again
+    assert monitor.offer(Sample("model-5", 1, "q", "claim.", None))

@@ -5,6 +5,7 @@ no schema covers (the RayService's serveConfigV2, env names, security settings) 
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import pytest
@@ -106,7 +107,12 @@ def test_security_env_and_probes(rendered):
                 "retrieval", "verification", "reward", "answer", "training"):
             c = spec["containers"][0]
             port = next(p["containerPort"] for p in c["ports"] if p["name"] == "grpc")
-            assert c["readinessProbe"]["grpc"]["port"] == port and c["livenessProbe"]["grpc"]["port"] == port
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                if name == "ci":  # mTLS on: native grpc probes speak plaintext, the image's check speaks mTLS
+                    cmd = c[probe]["exec"]["command"]
+                    assert cmd[cmd.index("--port") + 1] == str(port) and "--tls-cert" in cmd, (probe, cmd)
+                else:
+                    assert c[probe]["grpc"]["port"] == port, probe
     if name == "ci":
         env = {e["name"]: e for d in docs if d["kind"] == "Deployment"
                and d["metadata"]["labels"]["app.kubernetes.io/component"] == "retrieval"
@@ -114,6 +120,18 @@ def test_security_env_and_probes(rendered):
         assert env["KNOWSERVE_RETRIEVAL_BACKEND"]["value"] == "elasticsearch"
         assert env["KNOWSERVE_RETRIEVAL_ES_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "knowserve-elasticsearch"
         assert env["KNOWSERVE_RETRIEVAL_AUTH_TOKEN_FILE"]["value"].startswith("/var/run/knowserve/auth/")
+        assert env["KNOWSERVE_RETRIEVAL_TLS_CLIENT_CA_FILE"]["value"] == "/var/run/knowserve/tls/ca.crt"  # mTLS
+        by_component = {d["metadata"]["labels"]["app.kubernetes.io/component"]: d for d in docs
+                        if d["kind"] in ("Deployment", "RayService")}
+        reward = {e["name"]: e["value"] for e in by_component["reward"]["spec"]["template"]["spec"]["containers"][0]
+                  ["env"] if "value" in e}
+        assert reward["KNOWSERVE_REWARD_CLIENT_TLS_CERT_FILE"] == "/var/run/knowserve/tls/tls.crt"
+        assert json.loads(reward["KNOWSERVE_REWARD_CLIENTS"]) == {"generation": {"tls": False}}
+        pod = next(d for d in docs if d["kind"] == "Pod")  # `helm test`: the token is enforced and accepted
+        for c in pod["spec"]["containers"]:
+            assert c["command"][c["command"].index("--auth-probe") + 1] == c["name"], c["command"]
+            assert ("--tls-cert" in c["command"]) == (c["name"] != "generation"), c["command"]
+        assert {v["name"] for v in pod["spec"]["volumes"]} >= {"auth", "tls"}
 
 
 def test_the_env_names_are_settings_the_services_read(rendered):

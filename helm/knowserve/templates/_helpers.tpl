@@ -130,6 +130,43 @@ Call with (dict "root" $ "component" "retrieval").
 - name: KNOWSERVE_{{ $prefix }}_AUTH_TOKEN_FILE
   value: /var/run/knowserve/auth/{{ .root.Values.auth.key }}
 {{- end }}
+{{- if .root.Values.tls.existingSecret }}
+{{- if ne .component "generation" }}
+# mTLS: this service's certificate, and the CA its clients' certificates must chain to
+- name: KNOWSERVE_{{ $prefix }}_TLS_CERT_FILE
+  value: /var/run/knowserve/tls/tls.crt
+- name: KNOWSERVE_{{ $prefix }}_TLS_KEY_FILE
+  value: /var/run/knowserve/tls/tls.key
+- name: KNOWSERVE_{{ $prefix }}_TLS_CLIENT_CA_FILE
+  value: /var/run/knowserve/tls/ca.crt
+{{- end }}
+# its clients: the same certificate towards every service but generation (plaintext behind Serve's proxy)
+- name: KNOWSERVE_{{ $prefix }}_CLIENT_TLS_CA_FILE
+  value: /var/run/knowserve/tls/ca.crt
+- name: KNOWSERVE_{{ $prefix }}_CLIENT_TLS_CERT_FILE
+  value: /var/run/knowserve/tls/tls.crt
+- name: KNOWSERVE_{{ $prefix }}_CLIENT_TLS_KEY_FILE
+  value: /var/run/knowserve/tls/tls.key
+- name: KNOWSERVE_{{ $prefix }}_CLIENTS
+  value: {{ dict "generation" (dict "tls" false) | toJson | quote }}
+{{- end }}
+{{- end }}
+
+{{/*
+gRPC startup/readiness/liveness probes of a plain gRPC service: Kubernetes' native grpc probes, or, with mTLS on
+(native probes speak plaintext only), the image's health check over mTLS. Call with (dict "root" $ "port" N).
+*/}}
+{{- define "knowserve.grpcProbes" -}}
+{{- $check := dict "grpc" (dict "port" (int .port)) -}}
+{{- if .root.Values.tls.existingSecret -}}
+{{- $check = dict "exec" (dict "command" (list "python" "-m" "services.common.healthcheck" "--host" "localhost" "--port" (toString .port) "--tls-ca" "/var/run/knowserve/tls/ca.crt" "--tls-cert" "/var/run/knowserve/tls/tls.crt" "--tls-key" "/var/run/knowserve/tls/tls.key")) -}}
+{{- end -}}
+startupProbe:
+  {{- toYaml (merge (dict "periodSeconds" 5 "failureThreshold" 60) $check) | nindent 2 }}
+readinessProbe:
+  {{- toYaml (merge (dict "periodSeconds" 10 "timeoutSeconds" 5) $check) | nindent 2 }}
+livenessProbe:
+  {{- toYaml (merge (dict "periodSeconds" 15 "timeoutSeconds" 5 "failureThreshold" 4) $check) | nindent 2 }}
 {{- end }}
 
 {{/*
@@ -143,6 +180,11 @@ Volumes and mounts every pod has: a writable /tmp (the root filesystem is read-o
   secret:
     secretName: {{ .Values.auth.existingSecret }}
 {{- end }}
+{{- if .Values.tls.existingSecret }}
+- name: tls
+  secret:
+    secretName: {{ .Values.tls.existingSecret }}
+{{- end }}
 {{- end }}
 
 {{- define "knowserve.commonMounts" -}}
@@ -151,6 +193,11 @@ Volumes and mounts every pod has: a writable /tmp (the root filesystem is read-o
 {{- if .Values.auth.existingSecret }}
 - name: auth
   mountPath: /var/run/knowserve/auth
+  readOnly: true
+{{- end }}
+{{- if .Values.tls.existingSecret }}
+- name: tls
+  mountPath: /var/run/knowserve/tls
   readOnly: true
 {{- end }}
 {{- end }}

@@ -1,0 +1,163 @@
+"""`knowserve up --auth --tls`: the local stack with a generated bearer token and mTLS between every service and its
+clients, then the chain a user runs — an edit, Search, Verify with retrieved evidence, Score with factuality (reward
+→ verification → retrieval, each hop sending the token over mTLS) — and the same calls refused without a token.
+
+Generation is left out here: its Serve ingress's token check (every RPC but health, and the OpenAI routes) is tested
+in ``tests/generation/test_serve.py`` against a real Serve application; a secured GRPO step is not tested here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from knowserve.retrieval.v1 import retrieval_service_pb2 as rpb
+from knowserve.retrieval.v1 import retrieval_service_pb2_grpc as rpb_grpc
+from knowserve.reward.v1 import reward_service_pb2 as wpb
+from knowserve.reward.v1 import reward_service_pb2_grpc as wpb_grpc
+from knowserve.verification.v1 import verification_service_pb2 as vpb
+from knowserve.verification.v1 import verification_service_pb2_grpc as vpb_grpc
+from tests.conftest import ROOT, free_port
+
+
+def knowserve(env, *args, check=True):
+    out = subprocess.run([sys.executable, "-m", "services.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert not check or out.returncode == 0, f"knowserve {' '.join(args)}: {out.stdout}\n{out.stderr}"
+    return out
+
+
+# (service, stub, an RPC with an empty request) for the refusal checks
+CALLS = [
+    ("retrieval", rpb_grpc.RetrievalServiceStub, "GetIndexStats", rpb.GetIndexStatsRequest),
+    ("verification", vpb_grpc.VerificationServiceStub, "ListJudges", vpb.ListJudgesRequest),
+    ("reward", wpb_grpc.RewardServiceStub, "ListRecipes", wpb.ListRecipesRequest),
+]
+
+
+@pytest.fixture(scope="module")
+def secured_stack(tmp_path_factory):
+    run = tmp_path_factory.mktemp("secured") / "run"
+    ports = {name: free_port() for name in ("retrieval", "verification", "reward")}
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+               KNOWSERVE_RUN_DIR=str(run), COLUMNS="200",
+               KNOWSERVE_STACK_PROMETHEUS_PORT=str(free_port()),
+               KNOWSERVE_RETRIEVAL_DENSE="false", KNOWSERVE_RETRIEVAL_DEFAULT_MODE="bm25",
+               KNOWSERVE_VERIFICATION_DEFAULT_JUDGE="lexical")
+    for name, port in ports.items():
+        env[f"KNOWSERVE_{name.upper()}_PORT"] = str(port)
+        env[f"KNOWSERVE_{name.upper()}_METRICS_PORT"] = str(free_port())
+    try:
+        up = knowserve(env, "up", "--auth", "--tls", "--services", "retrieval,verification,reward")
+        assert up.stdout.count("SERVING") >= 3, up.stdout + up.stderr
+        yield env, run, ports
+    finally:
+        knowserve(env, "down", check=False)
+
+
+def _channel(run, port: int, client_cert: bool = True) -> grpc.Channel:
+    sec = run / "security"
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=(sec / "ca.pem").read_bytes(),
+        private_key=(sec / "node-key.pem").read_bytes() if client_cert else None,
+        certificate_chain=(sec / "node.pem").read_bytes() if client_cert else None)
+    return grpc.secure_channel(f"localhost:{port}", creds)
+
+
+def test_generated_secrets_are_private(secured_stack):
+    _, run, _ = secured_stack
+    sec = run / "security"
+    for name in ("token", "node-key.pem"):
+        assert stat.S_IMODE((sec / name).stat().st_mode) == 0o600, name
+    assert len((sec / "token").read_text().strip()) >= 32
+
+
+def test_the_chain_succeeds_with_token_and_mtls(secured_stack):
+    env, _, ports = secured_stack
+    # the CLI finds the stack's token and certificates itself (or --token-file / --tls-* / KNOWSERVE_TOKEN_FILE)
+    ret = ["--target", f"localhost:{ports['retrieval']}"]
+    knowserve(env, "edit", "add", "--id", "ks-fact-1", "--title", "Vellmar Bridge",
+              "--text", "The Vellmar Bridge is 812 metres long and opened in 1931.", *ret)
+    found = knowserve(env, "search", "Vellmar Bridge length", "--top-k", "1", *ret)
+    assert "812 metres" in found.stdout
+
+    verified = knowserve(env, "verify", "The Vellmar Bridge is 812 metres long.",
+                         "--target", f"localhost:{ports['verification']}")
+    assert "SUPPORTED" in verified.stdout and "ks-fact-1" in verified.stdout, verified.stdout  # retrieved evidence
+    refuted = knowserve(env, "verify", "The Vellmar Bridge is 640 metres long.",
+                        "--target", f"localhost:{ports['verification']}")
+    assert "REFUTED" in refuted.stdout, refuted.stdout
+
+    scored = knowserve(env, "score", "--recipe", "knowrl", "--prompt", "How long is the Vellmar Bridge?",
+                       "--completion", "<think>The Vellmar Bridge is 812 metres long.</think>"
+                                       "<answer>812 metres</answer>",
+                       "--gold", "812 metres", "--target", f"localhost:{ports['reward']}")
+    factuality = [line for line in scored.stdout.splitlines() if line.strip().startswith("factuality")]
+    # reward → verification → retrieval answered: the think section's claim was checked against the edit
+    assert factuality and "1/1 claims supported" in factuality[0], scored.stdout
+
+
+def test_without_the_token_every_service_refuses_and_health_answers(secured_stack):
+    env, run, ports = secured_stack
+    token = (run / "security" / "token").read_text().strip()
+    for service, stub_cls, rpc, request in CALLS:
+        with _channel(run, ports[service]) as ch:
+            call = getattr(stub_cls(ch), rpc)
+            for metadata in (None, (("authorization", "Bearer wrong-token"),), (("authorization", token),)):
+                with pytest.raises(grpc.RpcError) as err:
+                    call(request(), timeout=10, metadata=metadata)
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, (service, metadata, err.value)
+            call(request(), timeout=10, metadata=(("authorization", f"Bearer {token}"),))  # the right one passes
+            health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING, service
+        # mTLS: a client without a certificate never gets to send a request, token or not
+        with _channel(run, ports[service], client_cert=False) as ch:
+            with pytest.raises(grpc.RpcError) as err:
+                getattr(stub_cls(ch), rpc)(request(), timeout=10,
+                                           metadata=(("authorization", f"Bearer {token}"),))
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE, (service, err.value)
+        # plaintext is refused too
+        with grpc.insecure_channel(f"127.0.0.1:{ports[service]}") as ch:
+            with pytest.raises(grpc.RpcError):
+                getattr(stub_cls(ch), rpc)(request(), timeout=10, metadata=(("authorization", f"Bearer {token}"),))
+
+
+def test_the_cli_with_a_wrong_token_file_is_refused(secured_stack, tmp_path):
+    env, _, ports = secured_stack
+    wrong = tmp_path / "wrong-token"
+    wrong.write_text("not-the-token\n")
+    out = knowserve(env, "--token-file", str(wrong), "search", "bridge",
+                    "--target", f"localhost:{ports['retrieval']}", check=False)
+    assert out.returncode != 0 and "UNAUTHENTICATED" in (out.stdout + out.stderr).upper(), out.stderr
+    # the stack remembers it was started secured: a plain `up` on it is refused rather than silently weakened
+    assert json.loads((secured_stack[1] / "security" / "stack.json").read_text()) == {"auth": True, "tls": True}
+    again = knowserve(env, "up", "--services", "retrieval", check=False)
+    assert again.returncode != 0 and "knowserve down" in again.stderr, again.stderr
+
+
+def test_the_health_check_probes_that_the_token_is_enforced(secured_stack, tmp_path):
+    """What the chart's `helm test` pod runs when auth is on: health, then the read-only RPC refused without the
+    token and answered with it."""
+    env, run, ports = secured_stack
+    sec = run / "security"
+    tls = ["--tls-ca", str(sec / "ca.pem"), "--tls-cert", str(sec / "node.pem"), "--tls-key", str(sec / "node-key.pem")]
+
+    def probe(service, token_file):
+        return subprocess.run([sys.executable, "-m", "services.common.healthcheck", "--host", "localhost", "--port",
+                               str(ports[service]), "--auth-probe", service, "--token-file", str(token_file), *tls],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+    for service in ports:
+        ok = probe(service, sec / "token")
+        assert ok.returncode == 0 and "token enforced and accepted" in ok.stdout, (service, ok.stdout, ok.stderr)
+    wrong = tmp_path / "wrong"
+    wrong.write_text("nope")
+    bad = probe("reward", wrong)
+    assert bad.returncode == 1 and "the token was refused: UNAUTHENTICATED" in bad.stderr, bad.stderr
