@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from training.config import ConfigError, Resolved, RunConfig
-from training.runs import FAILED, RUNNING, STOPPED, SUCCEEDED, ProgressRecord, RunDir, RunState
+from training.runs import FAILED, RUNNING, STOPPED, SUCCEEDED, ProgressRecord, RunDir, RunState, mark_complete
 from training.services_io import BackgroundLoop, WeightPublisher, save_policy
 
 log = logging.getLogger("knowserve.training")
@@ -138,6 +138,12 @@ def make_reporter(run: RunDir, st: RunState, cfg: RunConfig, h: Resolved, publis
                     self.pending.metrics[key] = float(value)
             self.flush()
 
+        def on_save(self, args, state, control_, **kw):
+            # called once the trainer has written the whole checkpoint: only now may a resume load it
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                mark_complete(folder)
+
         def on_train_end(self, args, state, control_, **kw):
             self.flush()
 
@@ -222,6 +228,9 @@ def run_training(run_root: Path, resume: bool = False, on_progress: Callable[[Pr
         reporter = make_reporter(run, st, cfg, h, publisher, control, spec.publish_start, on_progress)
         ctx = TrainContext(cfg, h, run, io, reporter, tokenizer)
         trainer = spec.build(ctx)
+        if resume:
+            for gone in run.discard_incomplete_checkpoints():
+                log.info("removed %s: a killed trainer left it half-written", gone.name)
         checkpoint = run.last_checkpoint() if resume else None
         if checkpoint is not None:
             run.truncate_progress(int(checkpoint.name.split("-")[-1]))

@@ -10,6 +10,7 @@ collector and the CLI read these types instead of dict keys.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
@@ -162,11 +163,34 @@ class RunDir:
         kept = [r for r in self.progress() if r.step <= last_step]
         atomic_write(self.progress_path, "".join(r.to_json() + "\n" for r in kept))
 
+    def _checkpoints(self) -> list[Path]:
+        return sorted((p for p in self.trainer_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                      key=lambda p: int(p.name.split("-")[-1]))
+
     def last_checkpoint(self) -> Path | None:
-        """The newest complete TRL checkpoint (a half-written one, without its trainer state, is skipped)."""
-        found = sorted((p for p in self.trainer_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()),
-                       key=lambda p: int(p.name.split("-")[-1]))
+        """The newest complete TRL checkpoint: one the run marked complete after the trainer had written all of it
+        (:func:`mark_complete`); a checkpoint a killed trainer left half-written has no mark and is never loaded."""
+        found = [p for p in self._checkpoints() if (p / CHECKPOINT_COMPLETE).exists()]
         return found[-1] if found else None
+
+    def discard_incomplete_checkpoints(self) -> list[Path]:
+        """Remove checkpoint folders without the complete mark (a resume then rewrites them from scratch)."""
+        gone = [p for p in self._checkpoints() if not (p / CHECKPOINT_COMPLETE).exists()]
+        for p in gone:
+            shutil.rmtree(p, ignore_errors=True)
+        return gone
+
+
+CHECKPOINT_COMPLETE = "knowserve_complete"  # written last, atomically, once a checkpoint folder is whole
+
+
+def mark_complete(checkpoint: Path) -> None:
+    """Mark a checkpoint folder whole: its files flushed to disk first, then the mark (renamed into place)."""
+    for f in checkpoint.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    atomic_write(checkpoint / CHECKPOINT_COMPLETE, "complete\n")
 
 
 def atomic_write(path: Path, text: str) -> None:

@@ -175,6 +175,8 @@ class WeightSlot:
                                   f"{self.checkpoint_root} (KNOWSERVE_GENERATION_CHECKPOINT_ROOT)")
         if not path.exists():
             raise InvalidArgument("checkpoint_uri", f"{path} does not exist")
+        if path.name.endswith(".tmp"):  # save_policy's folder while it writes (or a killed writer left it)
+            raise InvalidArgument("checkpoint_uri", f"{path} is a checkpoint still being written (a .tmp folder)")
         return path
 
     def prepare(self, uri: str, version: int, smoke: bool = True, rollback: bool = False) -> Weights:

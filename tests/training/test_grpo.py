@@ -21,6 +21,7 @@ from knowserve.training.v1 import training_service_pb2 as pb
 from services.common.clients import RemoteError
 from services.generation.client import GenerationClient
 from tests.conftest import SERVE_APP
+from training.runs import CHECKPOINT_COMPLETE
 from tests.training.conftest import start_reward
 
 pytestmark = pytest.mark.slow
@@ -140,15 +141,23 @@ async def test_killed_trainer_resumes_with_the_same_step_count(training_stack):
     run = await stack.client.start_run("knowrl", "demo_world", model=str(stack.model), run_id="resume",
                                        hyperparameters=pb.Hyperparameters(max_steps=4, **HYPER), options=OPTIONS)
     run_dir = Path(stack.training.app.settings.runs_dir) / run.run_id
+    folder = run_dir / "trainer" / "checkpoint-2"
 
-    async def checkpointed():
-        return (run_dir / "trainer" / "checkpoint-2" / "trainer_state.json").exists()
+    def kill_while_checkpointing() -> bool:
+        """SIGKILL the trainer the moment the step-2 checkpoint folder appears, i.e. while the trainer is still
+        writing it; True when it was caught half-written (no complete mark yet)."""
+        deadline = time.monotonic() + 300
+        while not folder.exists():
+            assert time.monotonic() < deadline, "no step-2 checkpoint"
+            time.sleep(0.001)
+        os.kill(json.loads((run_dir / "state.json").read_text())["pid"], signal.SIGKILL)  # no chance to clean up
+        return not (folder / CHECKPOINT_COMPLETE).exists()
 
-    await wait_for(checkpointed, 300, "the step-2 checkpoint")
-    pid = json.loads((run_dir / "state.json").read_text())["pid"]
-    os.kill(pid, signal.SIGKILL)  # the trainer dies without any chance to clean up
+    half_written = await asyncio.to_thread(kill_while_checkpointing)
     killed = await wait_for(lambda: _failed(stack, run.run_id), 30, "the run to read as FAILED")
     assert "resume" in killed.error
+    if half_written:  # a checkpoint caught mid-write is never resumed from: the resume starts over
+        assert "from the start" in killed.error, killed.error
     resumed = await stack.client.start_run(run_id=run.run_id, resume=True)
     assert resumed.state == pb.RUN_STATE_PENDING
     progress = await follow(stack, run.run_id)
