@@ -232,8 +232,8 @@ def run_training(run_root: Path, resume: bool = False, on_progress: Callable[[Pr
             for gone in run.discard_incomplete_checkpoints():
                 log.info("removed %s: a killed trainer left it half-written", gone.name)
         checkpoint = run.last_checkpoint() if resume else None
-        if checkpoint is not None:
-            run.truncate_progress(int(checkpoint.name.split("-")[-1]))
+        if resume:  # steps after the checkpoint (all of them, without one) are redone: their records go
+            run.truncate_progress(int(checkpoint.name.split("-")[-1]) if checkpoint is not None else 0)
         if progress_bar:
             from services.common.progress import progress
 
