@@ -103,6 +103,12 @@ class Stack:
         return json.loads((self.run / "stack.json").read_text())
 
     def pids(self, name: str) -> list[int]:
+        if name == "trainer":  # the GRPO run's own process (the training service starts one per run)
+            try:
+                pid = json.loads((self.run / "runs" / "soak" / "state.json").read_text()).get("pid", 0)
+            except (OSError, ValueError):
+                return []
+            return [pid] if pid else []
         pid = self.state()[name]["pid"]
         if name != "generation":
             return [pid]
@@ -161,6 +167,8 @@ class Recorder:
             out, code = None, e.code().name
         with self.lock:
             self.calls.append((start, rpc, code, time.monotonic() - start))
+        if code != "OK":
+            time.sleep(0.25)  # as a client with backoff would, instead of a busy loop of refusals
         return out
 
 
@@ -260,6 +268,13 @@ def main() -> None:
     leads = [json.loads(line) for line in corpus.read_text().splitlines()[: args.leads]]
     run = Path(tempfile.mkdtemp(prefix="knowserve-soak-")) / "run"
     stack = Stack(run, secure=not args.no_secure)
+    try:
+        soak(stack, run, leads, args)
+    finally:
+        stack.cli("down", check=False)
+
+
+def soak(stack: Stack, run: Path, leads: list[dict], args) -> None:
     started = time.monotonic()
     print(log_line(f"starting the stack in {run} (secure={stack.secure}; the feature judge trains at its start)"))
     stack.up(",".join(SERVICES))
@@ -283,7 +298,7 @@ def main() -> None:
     window: list[float] = []
     killed = False
     while (now := time.monotonic() - t0) < duration:
-        for name in SERVICES:
+        for name in (*SERVICES, "trainer"):
             rss[name].append((now, stack.rss(name)))
         if not killed and now >= duration / 2:
             pid = stack.state()[args.kill]["pid"]
@@ -305,7 +320,8 @@ def main() -> None:
         t.join(60)
     with stack.channel("training") as ch:
         stub = tpb_grpc.TrainingServiceStub(ch)
-        final = stub.GetRun(tpb.GetRunRequest(run_id=run_pb.run_id), timeout=30, metadata=stack.metadata("training"))
+        final = stub.GetRun(tpb.GetRunRequest(run_id=run_pb.run_id), timeout=30,
+                            metadata=stack.metadata("training")).run
         stub.StopRun(tpb.StopRunRequest(run_id=run_pb.run_id), timeout=60, metadata=stack.metadata("training"))
         progress = []
         try:  # the records so far (the stream ends when the stopped run does)
@@ -326,7 +342,6 @@ def main() -> None:
                                                   mode=rpb.SEARCH_MODE_BM25), timeout=60,
                                 metadata=stack.metadata("retrieval"))
             lost += [d for d, r in zip(chunk, reply.results) if not r.passages or r.passages[0].document_id != d]
-    stack.cli("down", check=False)
 
     report = summarise(rec, rss, window, args, lost, len(acked), final, progress, duration)
     args.json.parent.mkdir(parents=True, exist_ok=True)

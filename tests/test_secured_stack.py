@@ -1,9 +1,11 @@
 """`knowserve up --auth --tls`: the local stack with a generated bearer token and mTLS between every service and its
-clients, then the chain a user runs — an edit, Search, Verify with retrieved evidence, Score with factuality (reward
-→ verification → retrieval, each hop sending the token over mTLS) — and the same calls refused without a token.
+clients (generation plaintext behind Serve's proxy, its token enforced), then the chain a user runs — an edit,
+Search, Verify with retrieved evidence, Score with factuality (reward → verification → retrieval, each hop sending
+the token over mTLS), Generate, a GRPO step through the training service that hot-swaps its weights into
+generation, and `knowserve eval` — and the same calls refused without a token, health answering.
 
-Generation is left out here: its Serve ingress's token check (every RPC but health, and the OpenAI routes) is tested
-in ``tests/generation/test_serve.py`` against a real Serve application; a secured GRPO step is not tested here.
+Not covered here: retrieval inside generation with auth on (the tiny model never emits a search; the tool path is
+tested without auth in tests/generation and tests/training).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import time
 import subprocess
 import sys
 
@@ -22,9 +25,13 @@ from knowserve.retrieval.v1 import retrieval_service_pb2 as rpb
 from knowserve.retrieval.v1 import retrieval_service_pb2_grpc as rpb_grpc
 from knowserve.reward.v1 import reward_service_pb2 as wpb
 from knowserve.reward.v1 import reward_service_pb2_grpc as wpb_grpc
+from knowserve.generation.v1 import generation_service_pb2 as gpb
+from knowserve.generation.v1 import generation_service_pb2_grpc as gpb_grpc
+from knowserve.training.v1 import training_service_pb2 as tpb
+from knowserve.training.v1 import training_service_pb2_grpc as tpb_grpc
 from knowserve.verification.v1 import verification_service_pb2 as vpb
 from knowserve.verification.v1 import verification_service_pb2_grpc as vpb_grpc
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, free_port, reserved_port
 
 
 def knowserve(env, *args, check=True):
@@ -39,24 +46,39 @@ CALLS = [
     ("retrieval", rpb_grpc.RetrievalServiceStub, "GetIndexStats", rpb.GetIndexStatsRequest),
     ("verification", vpb_grpc.VerificationServiceStub, "ListJudges", vpb.ListJudgesRequest),
     ("reward", wpb_grpc.RewardServiceStub, "ListRecipes", wpb.ListRecipesRequest),
+    ("training", tpb_grpc.TrainingServiceStub, "ListRuns", tpb.ListRunsRequest),
 ]
+
+
+STACK = ("retrieval", "verification", "reward", "generation", "training")
 
 
 @pytest.fixture(scope="module")
 def secured_stack(tmp_path_factory):
+    from services.common.models import tiny_lm_folder
+
     run = tmp_path_factory.mktemp("secured") / "run"
-    ports = {name: free_port() for name in ("retrieval", "verification", "reward")}
+    # ports bound seconds later (Ray's proxies) come from outside the ephemeral range, as the session's app does
+    ports = {name: reserved_port() if name == "generation" else free_port() for name in STACK}
+    model = str(tiny_lm_folder(ROOT / ".cache/models"))
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
                KNOWSERVE_RUN_DIR=str(run), COLUMNS="200",
                KNOWSERVE_STACK_PROMETHEUS_PORT=str(free_port()),
                KNOWSERVE_RETRIEVAL_DENSE="false", KNOWSERVE_RETRIEVAL_DEFAULT_MODE="bm25",
-               KNOWSERVE_VERIFICATION_DEFAULT_JUDGE="lexical")
+               KNOWSERVE_VERIFICATION_DEFAULT_JUDGE="lexical",
+               # generation: one tiny Llama; plaintext (Serve's proxy has no TLS) with its token enforced
+               KNOWSERVE_GENERATION_MODELS=json.dumps([{"name": "tiny", "path": model, "replicas": 1,
+                                                        "replica_num_cpus": 0.5}]),
+               KNOWSERVE_GENERATION_HTTP_PORT=str(reserved_port()),
+               KNOWSERVE_GENERATION_DASHBOARD_PORT=str(reserved_port()),
+               KNOWSERVE_GENERATION_LIVE_SAMPLE_RATE="0", KNOWSERVE_GENERATION_ANSWER_TARGET="",
+               KNOWSERVE_TRAINING_DEFAULT_MODEL=model, KNOWSERVE_TRAINING_TRAINER_THREADS="1")
     for name, port in ports.items():
         env[f"KNOWSERVE_{name.upper()}_PORT"] = str(port)
         env[f"KNOWSERVE_{name.upper()}_METRICS_PORT"] = str(free_port())
     try:
-        up = knowserve(env, "up", "--auth", "--tls", "--services", "retrieval,verification,reward")
-        assert up.stdout.count("SERVING") >= 3, up.stdout + up.stderr
+        up = knowserve(env, "up", "--auth", "--tls", "--services", ",".join(STACK))
+        assert up.stdout.count("SERVING") >= len(STACK), up.stdout + up.stderr
         yield env, run, ports
     finally:
         knowserve(env, "down", check=False)
@@ -150,8 +172,9 @@ def test_the_health_check_probes_that_the_token_is_enforced(secured_stack, tmp_p
     tls = ["--tls-ca", str(sec / "ca.pem"), "--tls-cert", str(sec / "node.pem"), "--tls-key", str(sec / "node-key.pem")]
 
     def probe(service, token_file):
+        how = ["--application", "knowserve-generation"] if service == "generation" else tls  # plaintext, routed
         return subprocess.run([sys.executable, "-m", "services.common.healthcheck", "--host", "localhost", "--port",
-                               str(ports[service]), "--auth-probe", service, "--token-file", str(token_file), *tls],
+                               str(ports[service]), "--auth-probe", service, "--token-file", str(token_file), *how],
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
 
     for service in ports:
@@ -161,3 +184,56 @@ def test_the_health_check_probes_that_the_token_is_enforced(secured_stack, tmp_p
     wrong.write_text("nope")
     bad = probe("reward", wrong)
     assert bad.returncode == 1 and "the token was refused: UNAUTHENTICATED" in bad.stderr, bad.stderr
+
+
+def _generation_metadata(run, token: bool = True) -> tuple:
+    md = (("application", "knowserve-generation"),)
+    return md + ((("authorization", f"Bearer {(run / 'security' / 'token').read_text().strip()}"),) if token else ())
+
+
+def test_generate_a_grpo_step_with_a_hot_swap_and_an_eval_through_the_secured_stack(secured_stack, tmp_path):
+    env, run, ports = secured_stack
+    with grpc.insecure_channel(f"127.0.0.1:{ports['generation']}") as ch:
+        gen = gpb_grpc.GenerationServiceStub(ch)
+        reply = gen.Generate(gpb.GenerateRequest(prompts=[gpb.Prompt(text="The Vellmar Bridge")],
+                                                 sampling=gpb.SamplingParams(max_tokens=4)), timeout=60,
+                             metadata=_generation_metadata(run))
+        assert reply.completions and reply.completions[0].token_ids
+        with pytest.raises(grpc.RpcError) as err:
+            gen.Generate(gpb.GenerateRequest(prompts=[gpb.Prompt(text="x")]), timeout=30,
+                         metadata=_generation_metadata(run, token=False))
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10,
+                                                      metadata=_generation_metadata(run, token=False))
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        before = gen.GetModelInfo(gpb.GetModelInfoRequest(), timeout=30, metadata=_generation_metadata(run))
+
+    # one GRPO step: the trainer process calls generation (token) and reward (token over mTLS), reward calls
+    # verification, verification calls retrieval; the step's weights are published and hot-swapped
+    token = (run / "security" / "token").read_text().strip()
+    with _channel(run, ports["training"]) as ch:
+        training = tpb_grpc.TrainingServiceStub(ch)
+        md = (("authorization", f"Bearer {token}"),)
+        started = training.StartRun(tpb.StartRunRequest(
+            recipe="knowrl", dataset="halueval_qa", run_id="secured", hyperparameters=tpb.Hyperparameters(
+                max_steps=1, group_size=2, batch_size=2, sync_every=1, max_completion_tokens=8, seed=1),
+            options=tpb.RunOptions(dataset_limit=4)), timeout=120, metadata=md).run
+        deadline = time.monotonic() + 400
+        while True:
+            got = training.GetRun(tpb.GetRunRequest(run_id=started.run_id), timeout=30, metadata=md).run
+            if got.state in (tpb.RUN_STATE_SUCCEEDED, tpb.RUN_STATE_FAILED, tpb.RUN_STATE_STOPPED):
+                break
+            assert time.monotonic() < deadline, "the GRPO step did not finish"
+            time.sleep(2)
+    trainer_log = next(run.rglob("trainer.log"), None)
+    assert got.state == tpb.RUN_STATE_SUCCEEDED, (got.error, trainer_log.read_text()[-3000:] if trainer_log else "")
+    with grpc.insecure_channel(f"127.0.0.1:{ports['generation']}") as ch:
+        after = gpb_grpc.GenerationServiceStub(ch).GetModelInfo(gpb.GetModelInfoRequest(), timeout=30,
+                                                                metadata=_generation_metadata(run))
+    assert after.weight_version > before.weight_version  # swapped in by the run, through the token check
+
+    # an eval: generation with the token, verification over mTLS with the token (the CLI finds both itself)
+    out = knowserve(env, "eval", "--dataset", "halueval_qa", "--limit", "3", "--max-tokens", "8", "--model", "tiny",
+                    "--generation", f"127.0.0.1:{ports['generation']}",
+                    "--verification", f"localhost:{ports['verification']}", "--out", str(tmp_path / "eval"))
+    assert "results:" in out.stdout, out.stdout + out.stderr
