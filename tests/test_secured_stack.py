@@ -61,7 +61,11 @@ def secured_stack(tmp_path_factory):
     # ports bound seconds later (Ray's proxies) come from outside the ephemeral range, as the session's app does
     ports = {name: reserved_port() if name == "generation" else free_port() for name in STACK}
     model = str(tiny_lm_folder(ROOT / ".cache/models"))
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+    # the CLI sends what the environment names before the stack's own secrets: the session's token (another
+    # test's generation app sets KNOWSERVE_TOKEN_FILE) must not leak in
+    inherited = {k: v for k, v in os.environ.items() if k != "KNOWSERVE_TOKEN_FILE" and
+                 not k.startswith("KNOWSERVE_TLS_")}
+    env = dict(inherited, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
                KNOWSERVE_RUN_DIR=str(run), COLUMNS="200",
                KNOWSERVE_STACK_PROMETHEUS_PORT=str(free_port()),
                KNOWSERVE_RETRIEVAL_DENSE="false", KNOWSERVE_RETRIEVAL_DEFAULT_MODE="bm25",
