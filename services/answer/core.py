@@ -167,6 +167,12 @@ class Sample:
 VerifyFn = Callable[[str, list | None, str], Awaitable[list[tuple[str, int, int, str, float, list[str]]]]]
 
 
+
+def check_turns(turns: int, limit: int) -> None:
+    """INVALID_ARGUMENT for a conversation of more than ``limit`` turns."""
+    if turns > limit:
+        raise InvalidArgument("conversation", f"{turns} turns, above the limit of {limit}")
+
 class LiveMonitor:
     """The bounded live-verification queue and its per-version figures (see the module docstring)."""
 
@@ -313,8 +319,7 @@ class AnswerCore:
                  max_tokens: int) -> tuple[int, float, int]:
         lim = self.limits
         check_text("question", question, max_bytes=lim.max_question_bytes)
-        if len(conversation) > lim.max_turns:
-            raise InvalidArgument("conversation", f"{len(conversation)} turns, above the limit of {lim.max_turns}")
+        check_turns(len(conversation), lim.max_turns)
         for i, t in enumerate(conversation):
             if t.get("role") not in ("user", "assistant"):
                 raise InvalidArgument(f"conversation[{i}].role", f"must be user or assistant, got {t.get('role')!r}")

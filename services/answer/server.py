@@ -16,7 +16,7 @@ from knowserve.answer.v1 import answer_service_pb2_grpc as pb_grpc
 from knowserve.verification.v1 import verification_service_pb2 as vpb
 from services.answer.config import AnswerSettings
 from services.answer.core import (PASSAGES, SEARCH_TOOL, AnswerCore, AnswerResult, Limits, LiveMonitor,
-                                  search_instructions)
+                                  check_turns, search_instructions)
 from services.common.errors import InvalidArgument, Unavailable
 from services.common.server import ServiceApp, ServiceBinding
 from services.retrieval.server import passage_to_proto
@@ -41,9 +41,7 @@ def result_to_proto(r: AnswerResult) -> pb.AnswerResponse:
 def _args(request: pb.AnswerRequest, limits: Limits) -> dict:
     if request.evidence_mode not in _MODES:
         raise InvalidArgument("evidence_mode", f"unknown evidence mode {request.evidence_mode}")
-    if len(request.conversation) > limits.max_turns:  # before the turns become Python objects
-        raise InvalidArgument("conversation", f"{len(request.conversation)} turns, above the limit of "
-                              f"{limits.max_turns}")
+    check_turns(len(request.conversation), limits.max_turns)  # before the turns become Python objects
     return dict(question=request.question, conversation=[{"role": t.role, "content": t.content}
                                                          for t in request.conversation],
                 top_k=request.top_k,

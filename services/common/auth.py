@@ -72,3 +72,12 @@ def default_client_tls(service: str) -> tuple[Path, Path | None, Path | None] | 
         return None
     cert, key = os.environ.get(TLS_CERT_ENV, ""), os.environ.get(TLS_KEY_ENV, "")
     return Path(ca), Path(cert) if cert else None, Path(key) if key else None
+
+
+def channel_credentials(ca: str | Path, cert: str | Path | None = None, key: str | Path | None = None):
+    """gRPC channel credentials from a CA file and, for mTLS, a client certificate and key."""
+    import grpc
+
+    return grpc.ssl_channel_credentials(root_certificates=Path(ca).read_bytes(),
+                                        private_key=Path(key).read_bytes() if key else None,
+                                        certificate_chain=Path(cert).read_bytes() if cert else None)

@@ -21,7 +21,7 @@ from typing import Any, Generic, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.common.auth import default_client_tls, default_client_token
+from services.common.auth import channel_credentials, default_client_tls, default_client_token
 from services.common.errors import DeadlineExceeded, KnowserveError, Unavailable
 
 log = logging.getLogger(__name__)
@@ -83,13 +83,7 @@ class ServiceClient(Generic[StubT]):
         tls = (o.tls_ca_file, o.tls_cert_file, o.tls_key_file) if o.tls_ca_file is not None else (
             None if o.plaintext else default_client_tls(service))  # the CLI's --tls-ca / the local stack's --tls
         if tls is not None:
-            ca, cert, key = tls
-            creds = grpc.ssl_channel_credentials(
-                root_certificates=Path(ca).read_bytes(),
-                private_key=Path(key).read_bytes() if key else None,
-                certificate_chain=Path(cert).read_bytes() if cert else None,
-            )
-            self.channel = grpc.aio.secure_channel(target, creds, options=channel_options)
+            self.channel = grpc.aio.secure_channel(target, channel_credentials(*tls), options=channel_options)
         else:
             self.channel = grpc.aio.insecure_channel(target, options=channel_options)
         self.stub: StubT = stub_factory(self.channel)

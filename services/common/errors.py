@@ -110,3 +110,10 @@ def check_range(field: str, value: float, *, low: float, high: float) -> None:
     """
     if not (low <= value <= high):
         raise InvalidArgument(field, f"must be between {low} and {high}, got {value}")
+
+
+def invalid_from_validation(e, prefix: str = "") -> InvalidArgument:
+    """INVALID_ARGUMENT naming the first field a pydantic ValidationError ``e`` names (under ``prefix``)."""
+    err = e.errors()[0]
+    field = ".".join(str(x) for x in err["loc"])
+    return InvalidArgument(f"{prefix}{field}" if field else (prefix.rstrip(".") or "request"), err["msg"])

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.common.auth import read_token
+from services.common.auth import channel_credentials, read_token
 
 # a cheap read-only RPC per component, whose request message has no required fields (empty bytes parse)
 READ_RPCS: dict[str, str] = {
@@ -35,11 +34,7 @@ def _channel(args) -> grpc.Channel:
     target = f"{args.host}:{args.port}"
     if not args.tls_ca:
         return grpc.insecure_channel(target)
-    creds = grpc.ssl_channel_credentials(
-        root_certificates=Path(args.tls_ca).read_bytes(),
-        private_key=Path(args.tls_key).read_bytes() if args.tls_key else None,
-        certificate_chain=Path(args.tls_cert).read_bytes() if args.tls_cert else None)
-    return grpc.secure_channel(target, creds)
+    return grpc.secure_channel(target, channel_credentials(args.tls_ca, args.tls_cert, args.tls_key))
 
 
 def auth_probe(channel: grpc.Channel, component: str, token: str, metadata: tuple, timeout: float) -> str | None:

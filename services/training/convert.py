@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from knowserve.training.v1 import training_service_pb2 as pb
-from services.common.errors import InvalidArgument
+from services.common.errors import invalid_from_validation
 
 if TYPE_CHECKING:
     from training.config import Hyperparameters, Resolved, RunConfig
@@ -33,9 +33,7 @@ def hyper_from_proto(h: pb.Hyperparameters) -> "Hyperparameters":
     try:
         return _hyperparameters(Hyperparameters, h)
     except ValidationError as e:  # a value outside a field's choices or type: the field and what it takes
-        err = e.errors()[0]
-        field = ".".join(str(x) for x in err["loc"])
-        raise InvalidArgument(f"hyperparameters.{field}", err["msg"]) from None
+        raise invalid_from_validation(e, "hyperparameters.") from None
 
 
 def _hyperparameters(cls, h: pb.Hyperparameters):

@@ -20,7 +20,8 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from services.common.auth import TLS_CA_ENV, TLS_CERT_ENV, TLS_KEY_ENV, TOKEN_FILE_ENV
-from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from services.common.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted,
+                                    invalid_from_validation)
 from services.training.config import TrainingSettings
 from training.config import ConfigError, Hyperparameters, RunConfig, check_run_id
 from training.runs import FAILED, LIVE, PENDING, RunDir, RunState, prepare_run
@@ -165,8 +166,7 @@ class TrainingCore:
         except ConfigError as e:
             raise InvalidArgument(_field_of(str(e)), str(e)) from None
         except ValidationError as e:  # a run option outside its type or choices
-            err = e.errors()[0]
-            raise InvalidArgument(".".join(str(x) for x in err["loc"]) or "options", err["msg"]) from None
+            raise invalid_from_validation(e) from None
         except ValueError as e:  # pydantic: an unknown loss type, a wrong type
             raise InvalidArgument("hyperparameters", str(e).splitlines()[0] + ": " + str(e)) from None
 
