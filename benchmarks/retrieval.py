@@ -42,7 +42,7 @@ from services.common.progress import progress  # noqa: E402
 from services.retrieval.config import RetrievalSettings  # noqa: E402
 from services.retrieval.core import Document, RetrievalCore  # noqa: E402
 from services.retrieval.demo_corpus import build_wiki_corpus  # noqa: E402
-from services.retrieval.embedded import EmbeddedBackend  # noqa: E402
+from services.retrieval.embedded import EmbeddedBackend, dir_bytes  # noqa: E402
 
 MAX_WORDS = 150  # below the service's 160-word chunk: one passage per document
 
@@ -144,10 +144,6 @@ def in_process_bm25(core: RetrievalCore, queries: list[str], threads: int) -> fl
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(run, [queries[i::threads] for i in range(threads)]))
     return len(queries) / (time.perf_counter() - t0)
-
-
-def dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def proc_memory(pid: int) -> tuple[float, float]:

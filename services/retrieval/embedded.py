@@ -59,6 +59,23 @@ class DenseIndexMismatch(RuntimeError):
     """The stored vectors come from another encoder (or dimension) than the configured one."""
 
 
+def dir_bytes(folder: Path) -> int:
+    """Bytes of the files under ``folder``; a file removed while it is walked (tantivy merges and garbage-collects
+    segments at any time) counts as gone, never as an error.
+
+    >>> import tempfile; d = Path(tempfile.mkdtemp()); _ = (d / "a").write_bytes(b"xyz"); dir_bytes(d)
+    3
+    """
+    total = 0
+    for root, _dirs, files in os.walk(folder):  # os.walk skips a folder that vanishes mid-walk
+        for name in files:
+            try:
+                total += os.stat(os.path.join(root, name)).st_size
+            except FileNotFoundError:
+                continue
+    return total
+
+
 def text_hash(text: str) -> str:
     """Short hash of a passage's text, logged with its vector so a restart can tell which side a crash hit.
 
@@ -559,7 +576,7 @@ class EmbeddedBackend:
             (tantivy.Occur.Must, first),
             (tantivy.Occur.Must, tantivy.Query.term_query(self.schema, "source", EDIT_SOURCE)),
         ])
-        size = sum(p.stat().st_size for p in self.folder.rglob("*") if p.is_file())
+        size = dir_bytes(self.folder)
         return IndexStats(
             backend=self.name,
             documents=searcher.search(first, 1).count,
