@@ -1,11 +1,10 @@
 """`knowserve up --auth --tls`: the local stack with a generated bearer token and mTLS between every service and its
 clients (generation plaintext behind Serve's proxy, its token enforced), then the chain a user runs — an edit,
 Search, Verify with retrieved evidence, Score with factuality (reward → verification → retrieval, each hop sending
-the token over mTLS), Generate, a GRPO step through the training service that hot-swaps its weights into
-generation, and `knowserve eval` — and the same calls refused without a token, health answering.
-
-Not covered here: retrieval inside generation with auth on (the tiny model never emits a search; the tool path is
-tested without auth in tests/generation and tests/training).
+the token over mTLS), Generate, Generate with retrieval inside (a tiny model taught to search: generation's replica
+calls retrieval with the token over mTLS and inserts what it finds), a GRPO step through the training service that
+hot-swaps its weights into generation, and `knowserve eval` — and the same calls refused without a token, health
+answering.
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ import stat
 import time
 import subprocess
 import sys
+from pathlib import Path
 
 import grpc
 import pytest
@@ -32,6 +32,7 @@ from knowserve.training.v1 import training_service_pb2_grpc as tpb_grpc
 from knowserve.verification.v1 import verification_service_pb2 as vpb
 from knowserve.verification.v1 import verification_service_pb2_grpc as vpb_grpc
 from tests.conftest import ROOT, free_port, reserved_port
+from tests.generation.conftest import teach
 
 
 def knowserve(env, *args, check=True):
@@ -50,6 +51,8 @@ CALLS = [
 ]
 
 
+SEARCH_PROMPT = "Question: In which city is the Orlen Tower?\nAnswer:"
+SEARCH_QUERY = " <|begin_of_query|>Orlen Tower city<|end_of_query|>"
 STACK = ("retrieval", "verification", "reward", "generation", "training")
 
 
@@ -61,6 +64,9 @@ def secured_stack(tmp_path_factory):
     # ports bound seconds later (Ray's proxies) come from outside the ephemeral range, as the session's app does
     ports = {name: reserved_port() if name == "generation" else free_port() for name in STACK}
     model = str(tiny_lm_folder(ROOT / ".cache/models"))
+    # a second model that emits one search, so generation's own retrieval client is exercised on the secured path
+    searcher = teach(Path(model), [SEARCH_PROMPT + SEARCH_QUERY + " <|begin_of_documents|>x<|end_of_documents|>"
+                                   "<answer>Brasko</answer><|im_end|>"], run.parent / "searcher", 200)
     # the CLI sends what the environment names before the stack's own secrets: the session's token (another
     # test's generation app sets KNOWSERVE_TOKEN_FILE) must not leak in
     inherited = {k: v for k, v in os.environ.items() if k != "KNOWSERVE_TOKEN_FILE" and
@@ -71,8 +77,9 @@ def secured_stack(tmp_path_factory):
                KNOWSERVE_RETRIEVAL_DENSE="false", KNOWSERVE_RETRIEVAL_DEFAULT_MODE="bm25",
                KNOWSERVE_VERIFICATION_DEFAULT_JUDGE="lexical",
                # generation: one tiny Llama; plaintext (Serve's proxy has no TLS) with its token enforced
-               KNOWSERVE_GENERATION_MODELS=json.dumps([{"name": "tiny", "path": model, "replicas": 1,
-                                                        "replica_num_cpus": 0.5}]),
+               KNOWSERVE_GENERATION_MODELS=json.dumps([
+                   {"name": "tiny", "path": model, "replicas": 1, "replica_num_cpus": 0.5},
+                   {"name": "searcher", "path": str(searcher), "replicas": 1, "replica_num_cpus": 0.25}]),
                KNOWSERVE_GENERATION_HTTP_PORT=str(reserved_port()),
                KNOWSERVE_GENERATION_DASHBOARD_PORT=str(reserved_port()),
                KNOWSERVE_GENERATION_LIVE_SAMPLE_RATE="0", KNOWSERVE_GENERATION_ANSWER_TARGET="",
@@ -193,6 +200,21 @@ def test_the_health_check_probes_that_the_token_is_enforced(secured_stack, tmp_p
 def _generation_metadata(run, token: bool = True) -> tuple:
     md = (("application", "knowserve-generation"),)
     return md + ((("authorization", f"Bearer {(run / 'security' / 'token').read_text().strip()}"),) if token else ())
+
+
+def test_retrieval_inside_generation_sends_the_token_over_mtls(secured_stack):
+    env, run, ports = secured_stack
+    knowserve(env, "edit", "add", "--id", "ks-fact-2", "--title", "Orlen Tower",
+              "--text", "The Orlen Tower stands in the city of Brasko.", "--target", f"localhost:{ports['retrieval']}")
+    with grpc.insecure_channel(f"127.0.0.1:{ports['generation']}") as ch:
+        reply = gpb_grpc.GenerationServiceStub(ch).Generate(gpb.GenerateRequest(
+            prompts=[gpb.Prompt(text=SEARCH_PROMPT)], sampling=gpb.SamplingParams(max_tokens=48, temperature=0),
+            model="searcher", tool_protocol=gpb.TOOL_PROTOCOL_R1_SEARCHER, max_tool_turns=1, retrieval_top_k=1),
+            timeout=120, metadata=_generation_metadata(run))
+    c = reply.completions[0]
+    assert c.tool_turns == 1 and c.text.startswith(SEARCH_QUERY), c.text
+    # the documents generation inserted came from the secured retrieval service: the edit made a moment ago
+    assert "<|begin_of_documents|>" in c.text and "city of Brasko" in c.text, c.text
 
 
 def test_generate_a_grpo_step_with_a_hot_swap_and_an_eval_through_the_secured_stack(secured_stack, tmp_path):
