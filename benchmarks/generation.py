@@ -40,14 +40,6 @@ PROMPTS = ["The capital of France is", "Water boils at", "The largest planet is"
 ENGINES = ("transformers", "vllm")
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # -- in-process arms (run in .venv-vllm through `--inprocess`)
 def make_engine(engine: str, model_dir: str, threads: int):
     import torch

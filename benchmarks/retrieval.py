@@ -38,6 +38,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from services.common.procs import memory_bytes  # noqa: E402
 from services.common.progress import progress  # noqa: E402
 from services.retrieval.config import RetrievalSettings  # noqa: E402
 from services.retrieval.core import Document, RetrievalCore  # noqa: E402
@@ -146,12 +147,6 @@ def in_process_bm25(core: RetrievalCore, queries: list[str], threads: int) -> fl
     return len(queries) / (time.perf_counter() - t0)
 
 
-def proc_memory(pid: int) -> tuple[float, float]:
-    """(VmRSS, VmHWM) of a process in GiB."""
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
-    return tuple(int(fields[k].split()[0]) / 2**20 for k in ("VmRSS", "VmHWM"))
-
-
 def serve_and_measure(data_dir: Path, queries: list[str]) -> dict:
     """Start ``python -m services.retrieval`` on the folder; gRPC p50/p99 per mode (one query per call), start-up
     seconds, resident memory after the runs."""
@@ -189,7 +184,8 @@ def serve_and_measure(data_dir: Path, queries: list[str]) -> dict:
                 stub.Search(pb.SearchRequest(queries=[q], top_k=10, mode=mode))
                 lat.append((time.perf_counter() - t) * 1000)
             out[name] = (percentile(lat, 50), percentile(lat, 99), len(lat) / (sum(lat) / 1000))
-        out["rss_gib"], out["peak_rss_gib"] = proc_memory(proc.pid)
+        mem = memory_bytes(proc.pid)
+        out["rss_gib"], out["peak_rss_gib"] = mem["VmRSS"] / 2**30, mem["VmHWM"] / 2**30
     finally:
         proc.terminate()
         proc.wait(timeout=60)

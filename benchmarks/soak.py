@@ -48,6 +48,7 @@ from knowserve.training.v1 import training_service_pb2_grpc as tpb_grpc  # noqa:
 from knowserve.verification.v1 import verification_service_pb2 as vpb  # noqa: E402
 from knowserve.verification.v1 import verification_service_pb2_grpc as vpb_grpc  # noqa: E402
 from services.common.addresses import GENERATION_APP  # noqa: E402
+from services.common.procs import free_port, rss_bytes, serve_pids  # noqa: E402
 
 SERVICES = ("retrieval", "verification", "reward", "generation", "training")
 FORBIDDEN = {"INTERNAL", "UNKNOWN"}
@@ -55,14 +56,6 @@ FORBIDDEN = {"INTERNAL", "UNKNOWN"}
 
 def log_line(text: str) -> str:
     return f"[{time.strftime('%H:%M:%S')}] {text}"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Stack:
@@ -112,28 +105,10 @@ class Stack:
         pid = self.state()[name]["pid"]
         if name != "generation":
             return [pid]
-        out = [pid]  # and its Ray head's Serve proxy and replicas (the launcher's session)
-        for proc in Path("/proc").iterdir():
-            if proc.name.isdigit():
-                try:
-                    if os.getsid(int(proc.name)) == os.getsid(pid) and int(proc.name) != pid:
-                        cmd = (proc / "cmdline").read_bytes().decode(errors="replace")
-                        if cmd.startswith("ray::") and ("ServeReplica" in cmd or "ProxyActor" in cmd):
-                            out.append(int(proc.name))
-                except (OSError, ProcessLookupError):
-                    pass
-        return out
+        return [pid, *serve_pids(pid)]  # and its Ray head's Serve proxy and replicas
 
     def rss(self, name: str) -> int:
-        total = 0
-        for pid in self.pids(name):
-            try:
-                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1]) * 1024
-            except OSError:
-                pass
-        return total
+        return sum(rss_bytes(pid) for pid in self.pids(name))
 
     def channel(self, name: str) -> grpc.Channel:
         target = f"127.0.0.1:{self.ports[name]}"

@@ -17,6 +17,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.procs import free_port
 from services.common.server import GrpcServer
 from services.retrieval.client import RetrievalClient
 from services.retrieval.config import RetrievalSettings
@@ -43,14 +44,6 @@ def tool(name: str) -> str:
     if found is None:
         pytest.fail(f"{name} not found: run `make setup` (it installs every tool the tests use)")
     return found
-
-
-def free_port() -> int:
-    """A port free now, for a server bound right away (it is in the kernel's ephemeral range, so any socket bound
-    to port 0 later may take it: a port bound minutes later must come from :func:`reserved_port`)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def reserved_port() -> int:

@@ -11,7 +11,6 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 from google.protobuf.descriptor import MethodDescriptor
@@ -86,9 +85,4 @@ def send(target: str, method: MethodDescriptor, payloads: Iterable[tuple[str, by
                 tally.add(rpc, kind, payload, code, details)
 
 
-def rss_bytes(pid: int) -> int:
-    """Resident memory of a process (VmRSS)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+

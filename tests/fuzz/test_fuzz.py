@@ -33,7 +33,8 @@ from knowserve.retrieval.v1 import retrieval_service_pb2 as rpb
 from knowserve.reward.v1 import reward_service_pb2 as wpb
 from knowserve.training.v1 import training_service_pb2 as tpb
 from knowserve.verification.v1 import verification_service_pb2 as vpb
-from tests.conftest import GENERATION_TOKEN, ROOT, GenerationApp, free_port
+from services.common.procs import free_port, rss_bytes, serve_pids
+from tests.conftest import GENERATION_TOKEN, ROOT, GenerationApp
 from tests.fuzz import driver, hostile, strategies
 
 REQUESTS = int(os.environ.get("KNOWSERVE_FUZZ_REQUESTS", "1000"))
@@ -72,22 +73,10 @@ class Stack:
             import json
 
             return [json.loads((self.run / "stack.json").read_text())[service]["pid"]]
-        pids = []
-        for proc in Path("/proc").iterdir():
-            if not proc.name.isdigit():
-                continue
-            try:
-                if os.getsid(int(proc.name)) != self.generation.proc.pid:
-                    continue
-                cmd = (proc / "cmdline").read_bytes().decode(errors="replace")
-            except (OSError, ProcessLookupError):
-                continue
-            if cmd.startswith("ray::") and ("ServeReplica" in cmd or "ProxyActor" in cmd):
-                pids.append(int(proc.name))
-        return pids
+        return serve_pids(self.generation.proc.pid)
 
     def rss(self, service: str) -> int:
-        return sum(driver.rss_bytes(p) for p in self.pids(service))
+        return sum(rss_bytes(p) for p in self.pids(service))
 
     def serving(self, service: str) -> bool:
         with grpc.insecure_channel(self.target(service)) as ch:
