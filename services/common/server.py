@@ -74,20 +74,63 @@ def lenient(deserializer):
     return parse
 
 
-def check_parsed(request) -> None:
-    """INVALID_ARGUMENT for a request that did not parse."""
+def repeated_elements(message, counts: dict[str, int] | None = None, prefix: str = "") -> dict[str, int]:
+    """Elements of every repeated (and map) field of ``message``, nested ones included, summed per field path.
+
+    >>> from google.protobuf.struct_pb2 import ListValue, Value
+    >>> inner = Value(list_value=ListValue(values=[Value(number_value=1.0)] * 4))
+    >>> repeated_elements(ListValue(values=[inner, inner, Value(string_value="x")]))
+    {'values': 3, 'values.list_value.values': 8}
+    """
+    counts = {} if counts is None else counts
+    for field, value in message.ListFields():
+        if not _is_repeated(field):
+            if field.message_type is not None:
+                repeated_elements(value, counts, f"{prefix}{field.name}.")
+            continue
+        path = f"{prefix}{field.name}"
+        counts[path] = counts.get(path, 0) + len(value)
+        if field.message_type is None:
+            continue
+        if field.message_type.GetOptions().map_entry:
+            item_type = field.message_type.fields_by_name["value"].message_type
+            items = value.values() if item_type is not None else ()
+        else:
+            items = value
+        for item in items:
+            repeated_elements(item, counts, f"{path}.")
+    return counts
+
+
+def _is_repeated(field) -> bool:
+    return field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+
+
+def check_parsed(request, max_elements: int | None = None) -> None:
+    """INVALID_ARGUMENT for a request that did not parse, or whose repeated fields hold more than ``max_elements``
+    elements together (checked before any handler turns them into Python objects; each service's own per-field
+    limits, e.g. retrieval's ``max_documents``, apply after)."""
     if isinstance(request, BadRequest):
         raise InvalidArgument("request", f"could not be parsed (corrupt bytes, a wrong wire type or invalid UTF-8 in "
                               f"a string field): {request.error}")
+    if max_elements is not None:
+        counts = repeated_elements(request)
+        total = sum(counts.values())
+        if total > max_elements:
+            largest = max(counts, key=counts.get)
+            raise InvalidArgument(largest, f"the request's repeated fields hold {total} elements ({counts[largest]} "
+                                           f"in {largest}), above the limit of {max_elements} "
+                                           f"(setting max_request_elements)")
 
 
 class _Interceptor(grpc.aio.ServerInterceptor):
     """Auth, default deadline, domain-error mapping and metrics around every handler."""
 
-    def __init__(self, service: str, token: str | None, default_deadline: float):
+    def __init__(self, service: str, token: str | None, default_deadline: float, max_elements: int | None = None):
         self.service = service
         self.token = token
         self.default_deadline = default_deadline
+        self.max_elements = max_elements
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -113,12 +156,11 @@ class _Interceptor(grpc.aio.ServerInterceptor):
             )
         return handler  # client-streaming methods: none in knowserve's protos
 
-    @staticmethod
-    def _admit(request, authorized: bool) -> None:
+    def _admit(self, request, authorized: bool) -> None:
         """Checks every call passes before its handler runs (raised as domain errors, mapped like any other)."""
         if not authorized:
             raise Unauthenticated(auth.BEARER_HINT)
-        check_parsed(request)
+        check_parsed(request, self.max_elements)
 
     @staticmethod
     def _failure(context: grpc.aio.ServicerContext, exc: Exception, record: CallRecord) -> str:
@@ -203,7 +245,8 @@ class GrpcServer:
         """Bind the port (and /metrics), register services; health stays NOT_SERVING until :meth:`set_ready`."""
         s = self.settings
         self._server = grpc.aio.server(
-            interceptors=[_Interceptor(self.service, s.resolved_auth_token(), s.default_deadline_seconds)],
+            interceptors=[_Interceptor(self.service, s.resolved_auth_token(), s.default_deadline_seconds,
+                                       s.max_request_elements)],
             options=[
                 ("grpc.max_receive_message_length", s.max_message_bytes),
                 ("grpc.max_send_message_length", s.max_message_bytes),

@@ -45,6 +45,9 @@ class ServiceSettings(BaseSettings):
         None, ge=0, le=65535, description="Prometheus /metrics HTTP port; 0 picks a free port, unset disables."
     )
     max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest request or response message.")
+    max_request_elements: int = Field(
+        1_000_000, ge=1, description="Most elements in all repeated fields of one request together (a 16 MiB message "
+        "of packed integers holds ~16M), refused with INVALID_ARGUMENT before any handler work.")
     default_deadline_seconds: float = Field(
         120.0, gt=0, description="Deadline applied to calls that arrive without one."
     )

@@ -133,7 +133,7 @@ class GenerationIngress:
         """Checks every call passes before any model work: the bearer token, then a request that parsed."""
         if self.token is not None:
             auth.require(grpc_context.invocation_metadata() if grpc_context is not None else None, self.token)
-        check_parsed(request)
+        check_parsed(request, self.settings.max_request_elements)
 
     # -- shared
     def resolve(self, model: str) -> tuple[str, Any]:

@@ -131,6 +131,22 @@ async def test_max_message_size_is_enforced():
         await server.stop(0)
 
 
+async def test_too_many_repeated_elements_are_refused_before_the_handler_runs():
+    server = await start(max_request_elements=50)
+    try:
+        async with grpc.aio.insecure_channel(server.address) as ch:
+            stub = pb_grpc.RetrievalServiceStub(ch)
+            with pytest.raises(grpc.aio.AioRpcError) as err:  # "boom" would be INTERNAL had the handler run
+                await stub.Search(pb.SearchRequest(queries=["boom"] * 51, top_k=1))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert err.value.details().startswith("queries:") and "above the limit of 50" in err.value.details()
+            assert "max_request_elements" in err.value.details()
+            reply = await stub.Search(pb.SearchRequest(queries=["Paris"] * 50, top_k=1))  # at the limit: served
+            assert len(reply.results) == 50
+    finally:
+        await server.stop(0)
+
+
 async def test_auth_token_required_but_health_open(tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text("s3cret\n")
