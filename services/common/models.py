@@ -56,10 +56,12 @@ def smollm2_tokenizer(cache: Path = DEFAULT_CACHE):
     """SmolLM2's tokenizer (with its chat template), saved once under ``cache/smollm2-tokenizer``."""
     _offline()
     folder = cache / "smollm2-tokenizer"
-    with _building(folder):
-        from transformers import AutoTokenizer
+    from transformers import AutoTokenizer
 
-        if (folder / "tokenizer_config.json").exists():
+    if (folder / "tokenizer_config.json").exists():  # built: renamed into place whole, no lock needed to read it
+        return AutoTokenizer.from_pretrained(folder)
+    with _building(folder):
+        if (folder / "tokenizer_config.json").exists():  # built by another process while this one waited
             return AutoTokenizer.from_pretrained(folder)
         gguf = smollm2_gguf()
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
