@@ -143,6 +143,7 @@ class GenerationSettings(ServiceSettings):
     max_tool_turns: int = Field(8, ge=1)
     default_retrieval_top_k: int = Field(3, ge=1)
     max_retrieval_top_k: int = Field(10, ge=1)
+    max_stop: int = Field(16, ge=1, description="Stop sequences per request.")
 
     @model_validator(mode="after")
     def _check(self) -> "GenerationSettings":
@@ -205,4 +206,4 @@ class GenerationSettings(ServiceSettings):
 
         return Limits(self.max_prompts, self.max_n, self.default_max_tokens, self.max_tokens_limit,
                       self.max_prompt_bytes, self.default_tool_turns, self.max_tool_turns,
-                      self.default_retrieval_top_k, self.max_retrieval_top_k)
+                      self.default_retrieval_top_k, self.max_retrieval_top_k, self.max_stop)

@@ -89,6 +89,10 @@ class Limits:
     max_tool_turns: int = 8
     default_retrieval_top_k: int = 3
     max_retrieval_top_k: int = 10
+    max_stop: int = 16
+
+
+SEED_RANGE = (-(2**63), 2**63 - 1)  # the proto's int64; the OpenAI endpoint's JSON integers are unbounded
 
 
 @dataclass
@@ -303,8 +307,12 @@ class GenerationCore:
         n = p.n or 1
         if not 1 <= n <= lim.max_n:
             raise InvalidArgument("sampling.n", f"must be between 1 and {lim.max_n}, got {p.n}")
+        if len(p.stop) > lim.max_stop:
+            raise InvalidArgument("sampling.stop", f"{len(p.stop)} stop sequences, above the limit of {lim.max_stop}")
         for i, s in enumerate(p.stop):
             check_text(f"sampling.stop[{i}]", s, max_bytes=256)
+        if p.seed is not None and not SEED_RANGE[0] <= p.seed <= SEED_RANGE[1]:
+            raise InvalidArgument("sampling.seed", f"must be a 64-bit signed integer, got {p.seed}")
         protocol = None
         turns = 0
         if p.tool_protocol:

@@ -51,11 +51,20 @@ class CompletionRequest(_Request):
     prompt: str | list[str]
 
 
+class ContentPart(BaseModel):
+    """One part of a message's content in OpenAI's list form; only text parts carry text here."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: str
+    text: str = ""
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: str
-    content: str | list[dict] = ""
+    content: str | list[ContentPart] = ""
 
 
 class ChatRequest(_Request):
@@ -69,8 +78,8 @@ def error_body(message: str, status: int, param: str | None = None, code: str | 
     >>> error_body("model 'x' is not served", 404, "model", "model_not_found")["error"]["type"]
     'invalid_request_error'
     """
-    return {"error": {"message": message, "type": _TYPES.get(status, "server_error"), "param": param,
-                      "code": code}}
+    kind = _TYPES.get(status, "invalid_request_error" if 400 <= status < 500 else "server_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def _error_response(exc: BaseException):
@@ -83,11 +92,16 @@ def _error_response(exc: BaseException):
     return JSONResponse(error_body(message, status, param, name), status_code=status)
 
 
-def _content(content: str | list[dict]) -> str:
-    """A message's text (OpenAI's content parts: the text ones, joined)."""
+def _content(content: str | list[ContentPart]) -> str:
+    """A message's text (OpenAI's content parts: the text ones, joined).
+
+    >>> _content([ContentPart(type="text", text="Hi "), ContentPart(type="image_url"),
+    ...           ContentPart(type="text", text="x")])
+    'Hi x'
+    """
     if isinstance(content, str):
         return content
-    return "".join(part.get("text", "") for part in content if part.get("type") == "text")
+    return "".join(part.text for part in content if part.type == "text")
 
 
 def _params(r: _Request, max_tokens: int | None):
@@ -117,6 +131,7 @@ def with_openai_routes(ingress_cls):
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
     from ray import serve
+    from starlette.exceptions import HTTPException
 
     app = FastAPI(title="knowserve generation (OpenAI-compatible)", docs_url=None, redoc_url=None)
 
@@ -126,6 +141,12 @@ def with_openai_routes(ingress_cls):
         param = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
         return JSONResponse(error_body(f"{param}: {first.get('msg', 'invalid request')}", 400, param,
                                        "invalid_request"), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException):
+        # FastAPI's own refusals (a body that is not UTF-8, an unknown route, a wrong method) in OpenAI's shape
+        return JSONResponse(error_body(str(exc.detail), exc.status_code, None, "invalid_request"),
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     class OpenAIIngress(ingress_cls):
         def _refused(self, authorization: str | None):

@@ -52,3 +52,54 @@ async def test_openai_client_against_the_http_endpoint(serve_generation_app):
         assert err.value.body["param"] == "messages"
 
     await asyncio.to_thread(calls)
+
+
+HOSTILE = [  # (route, raw body, expected status)
+    ("completions", b"not json", 400),
+    ("completions", b"[]", 400),
+    ("completions", b'{"model": "tiny"}', 400),
+    ("completions", b'{"model": "tiny", "prompt": 123}', 400),
+    ("completions", b'{"model": "tiny", "prompt": "x", "max_tokens": -5}', 400),
+    ("completions", b'{"model": "tiny", "prompt": "x", "temperature": NaN}', 400),
+    ("completions", b'{"model": "tiny", "prompt": "x", "temperature": 1e400}', 400),
+    ("completions", b'{"model": "tiny", "prompt": "x", "n": 1000000000000}', 400),
+    ("completions", b'{"model": "tiny", "prompt": "x", "seed": 100000000000000000000000}', 400),
+    ("completions", b'{"model": "tiny", "prompt": "x", "stop": [1, 2]}', 400),
+    ("completions", b'{"model": "tiny", "prompt": "x", "stop": ' + str(["s"] * 100).replace("'", '"').encode()
+     + b"}", 400),
+    ("completions", b'{"model": "tiny", "prompt": ' + str(["p"] * 1000).replace("'", '"').encode() + b"}", 400),
+    ("completions", b'{"model": "tiny", "prompt": "x", "logprobs": 3}', 400),
+    ("completions", b'{"model": "\\u0000nope", "prompt": "x"}', 404),
+    ("chat/completions", b'{"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", '
+     b'"text": 5}]}]}', 400),
+    ("chat/completions", b'{"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}', 400),
+    ("chat/completions", b'{"model": "tiny", "messages": [{"content": "x"}]}', 400),
+    ("chat/completions", b'{"model": "tiny", "messages": "hello"}', 400),
+    ("chat/completions", b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "stream": true, '
+     b'"n": 2}', 400),
+    ("chat/completions", b'{"model": "tiny", "messages": [{"role": "user", "content": "' + b"\xff\xfe" + b'"}]}', 400),
+]
+
+
+async def test_hostile_bodies_get_openai_errors_never_a_500(serve_generation_app):
+    import httpx
+
+    base = f"http://127.0.0.1:{serve_generation_app.http_port}/v1/"
+    headers = {"authorization": f"Bearer {GENERATION_TOKEN}", "content-type": "application/json"}
+
+    def calls():
+        with httpx.Client(timeout=120) as http:
+            for route, body, status in HOSTILE:
+                r = http.post(base + route, content=body, headers=headers)
+                assert r.status_code == status, (body[:120], r.status_code, r.text[:300])
+                error = r.json()["error"]  # OpenAI's shape, with the field named where there is one
+                assert error["type"] == "invalid_request_error" and error["message"], (body[:120], error)
+            # still serving, and a hostile body without the token is refused before it is read
+            ok = http.post(base + "completions", headers=headers,
+                           content=b'{"model": "tiny", "prompt": "Paris is", "max_tokens": 2}')
+            assert ok.status_code == 200 and ok.json()["choices"], ok.text
+            anon = http.post(base + "completions", content=b'{"model": "tiny", "prompt": "x"}',
+                             headers={"content-type": "application/json"})
+            assert anon.status_code == 401 and anon.json()["error"]["type"] == "authentication_error"
+
+    await asyncio.to_thread(calls)
