@@ -48,6 +48,8 @@ async def test_generate_n_samples_with_logprobs_and_version(tiny_model):
     ([Prompt(text="x")], GenerateParams(top_p=0.0), "sampling.top_p"),
     ([Prompt(text="x")], GenerateParams(n=5), "sampling.n"),
     ([Prompt(text="x")], GenerateParams(tool_protocol="web"), "tool_protocol"),
+    ([Prompt(text="x")], GenerateParams(seed=2**64), "sampling.seed"),
+    ([Prompt(text="x")], GenerateParams(stop=("a",) * 17), "sampling.stop"),
     ([Prompt(messages=[{"role": "wizard", "content": "hi"}])], GenerateParams(), "prompts[0].chat.messages[0].role"),
     ([Prompt(messages=[])], GenerateParams(), "prompts[0].chat"),
     ([Prompt(text="word " * 600)], GenerateParams(), "prompts[0]"),
