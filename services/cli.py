@@ -190,7 +190,8 @@ def cmd_train_verifier(args) -> int:
         fever_examples=args.fever_examples, synthetic_examples=args.synthetic_examples,
         corpus_jsonl=corpus if args.synthetic_examples else None, heldout_examples=args.heldout,
         epochs=args.epochs, time_budget_seconds=args.budget_seconds, batch_size=args.batch_size,
-        learning_rate=args.learning_rate, max_length=args.max_length, device=args.device, seed=args.seed)
+        learning_rate=args.learning_rate, max_length=args.max_length, device=args.device, seed=args.seed,
+        freeze_embeddings=args.freeze_embeddings)
     r = train_verifier(cfg)
     print(f"saved {r.out_dir}: {r.steps} steps in {r.seconds:.0f}s ({r.stopped_by}); training pairs {r.train_examples}")
     print(f"held-out VitaminC ({r.heldout_examples}): accuracy {r.heldout_accuracy:.3f} vs majority-class "
@@ -540,6 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--learning-rate", type=float, default=2e-4)
     p.add_argument("--max-length", type=int, default=56, help="tokens per (evidence window, claim) pair")
+    p.add_argument("--freeze-embeddings", action="store_true",
+                   help="keep MiniLM's word embeddings fixed (~35%% less CPU time per step)")
     p.add_argument("--device", default="auto", help="auto uses a GPU when there is one")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_train_verifier)

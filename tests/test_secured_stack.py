@@ -32,7 +32,7 @@ from knowserve.training.v1 import training_service_pb2_grpc as tpb_grpc
 from knowserve.verification.v1 import verification_service_pb2 as vpb
 from knowserve.verification.v1 import verification_service_pb2_grpc as vpb_grpc
 from tests.conftest import ROOT, free_port, reserved_port
-from tests.generation.conftest import teach
+from tests.taught import teach
 
 
 def knowserve(env, *args, check=True):

@@ -167,11 +167,11 @@ class Sample:
 VerifyFn = Callable[[str, list | None, str], Awaitable[list[tuple[str, int, int, str, float, list[str]]]]]
 
 
-
 def check_turns(turns: int, limit: int) -> None:
     """INVALID_ARGUMENT for a conversation of more than ``limit`` turns."""
     if turns > limit:
         raise InvalidArgument("conversation", f"{turns} turns, above the limit of {limit}")
+
 
 class LiveMonitor:
     """The bounded live-verification queue and its per-version figures (see the module docstring)."""

@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.common.errors import FailedPrecondition, InvalidArgument, check_text
+from services.common.errors import FailedPrecondition, InvalidArgument, check_range, check_text
 from services.common.tools import NAMES as TOOL_NAMES, TOOL_PROTOCOLS, ToolProtocol
 from services.generation.engine import LENGTH, STOP, Engine, EngineOutput, Sampling, completion_text
 
@@ -311,8 +311,8 @@ class GenerationCore:
             raise InvalidArgument("sampling.stop", f"{len(p.stop)} stop sequences, above the limit of {lim.max_stop}")
         for i, s in enumerate(p.stop):
             check_text(f"sampling.stop[{i}]", s, max_bytes=256)
-        if p.seed is not None and not SEED_RANGE[0] <= p.seed <= SEED_RANGE[1]:
-            raise InvalidArgument("sampling.seed", f"must be a 64-bit signed integer, got {p.seed}")
+        if p.seed is not None:
+            check_range("sampling.seed", p.seed, low=SEED_RANGE[0], high=SEED_RANGE[1])
         protocol = None
         turns = 0
         if p.tool_protocol:

@@ -22,7 +22,7 @@ from services.common.clients import RemoteError
 from services.generation.client import GenerationClient
 from tests.answer.conftest import PEOPLE, PEOPLE_DOCS
 from tests.conftest import SERVE_APP
-from tests.generation.conftest import teach_answers
+from tests.taught import teach_answers
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

@@ -13,7 +13,7 @@ from services.generation.core import (TOOL_PROTOCOLS, GenerateParams, Generation
                                       WeightSlot)
 from services.generation.engine import TransformersEngine
 from services.retrieval.core import Document
-from tests.generation.conftest import teach
+from tests.taught import teach
 
 
 def make_core(model_dir, root, search=None, version=1) -> GenerationCore:

@@ -14,7 +14,7 @@ import pytest
 from knowserve.generation.v1 import generation_service_pb2 as pb
 from knowserve.generation.v1 import generation_service_pb2_grpc as pb_grpc
 from tests.conftest import GENERATION_TOKEN, ROOT, SERVE_APP, SERVE_META, run_tool, tool
-from tests.generation.conftest import teach
+from tests.taught import teach
 
 pytestmark = pytest.mark.timeout(900)
 META = SERVE_META  # the application and the session app's bearer token

@@ -20,7 +20,7 @@ from knowserve.generation.v1 import generation_service_pb2 as pb
 from services.generation.client import GenerationClient
 from services.retrieval.core import Document
 from tests.conftest import ROOT, GenerationApp, reserved_port
-from tests.generation.conftest import teach
+from tests.taught import teach
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"

@@ -14,7 +14,7 @@ from services.generation.client import GenerationClient
 from services.reward.core import ScoreItem
 from services.reward.grader import GRADER_PROMPT
 from tests.conftest import SERVE_APP
-from tests.generation.conftest import teach_answers
+from tests.taught import teach_answers
 
 pytestmark = pytest.mark.timeout(900)
 

@@ -34,8 +34,10 @@ UNVERIFIABLE_CLAIMS = ["Marie Curie played the violin in an orchestra.", "Mount 
 def verifier_model(tmp_path_factory):
     """A CPU-trained cross-encoder from `train_verifier` (the `knowserve train-verifier` recipe).
 
-    950 steps (~5-6 min on 2 cores) on VitaminC + FEVER + contrastive edits of the Wikipedia demo corpus, cached
-    under .cache/test-verifier/<hash of the recipe and its code>, so a re-run reuses it.
+    500 steps with the word embeddings frozen (~3 min on 2 cores; 950 steps of the whole model took ~11 min of the
+    CI's 40) on VitaminC + FEVER + contrastive edits of the Wikipedia demo corpus (the edits alone where BIG-bench
+    cannot be had), cached under .cache/test-verifier/<hash of the recipe and its code>, so a re-run reuses it.
+    Measured on 2026-12-07: 7/10 fixture claims right with seeds 0 and 1, the same 7 as the 950-step recipe.
     """
     from services.retrieval.demo_corpus import build_wiki_corpus
     from services.verification import nli
@@ -45,7 +47,8 @@ def verifier_model(tmp_path_factory):
         build_wiki_corpus(corpus, ROOT / ".cache/packages")
     cfg = nli.TrainVerifierConfig(
         out_dir=Path("unset"), layers=3, vitaminc_examples=4000, fever_examples=1000, synthetic_examples=30000,
-        corpus_jsonl=corpus, heldout_examples=500, max_steps=950, time_budget_seconds=float(os.environ.get(
+        corpus_jsonl=corpus, heldout_examples=500,
+        max_steps=500, freeze_embeddings=True, time_budget_seconds=float(os.environ.get(
             "KNOWSERVE_TEST_VERIFIER_SECONDS", "1500")), learning_rate=2e-4, batch_size=16, max_length=56,
         threads=2, cache=ROOT / ".cache",
     )

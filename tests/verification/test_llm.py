@@ -16,7 +16,7 @@ from services.generation.client import GenerationClient
 from services.verification.core import VerifyItem
 from services.verification.llm import JUDGE_PROMPT
 from tests.conftest import SERVE_APP
-from tests.generation.conftest import teach_answers
+from tests.taught import teach_answers
 from tests.verification.conftest import KB
 
 pytestmark = pytest.mark.timeout(900)
