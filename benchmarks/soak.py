@@ -49,6 +49,7 @@ from knowserve.verification.v1 import verification_service_pb2 as vpb  # noqa: E
 from knowserve.verification.v1 import verification_service_pb2_grpc as vpb_grpc  # noqa: E402
 from services.common.addresses import GENERATION_APP  # noqa: E402
 from services.common.procs import free_port, rss_bytes, serve_pids  # noqa: E402
+from services.stack import isolated_env  # noqa: E402
 
 SERVICES = ("retrieval", "verification", "reward", "generation", "training")
 FORBIDDEN = {"INTERNAL", "UNKNOWN"}
@@ -68,18 +69,12 @@ class Stack:
         self.ports = {name: free_port() for name in SERVICES}
         model = tiny_lm_folder(ROOT / ".cache/models")
         self.model = str(model)
-        env = dict(os.environ, PYTHONPATH=str(ROOT), KNOWSERVE_RUN_DIR=str(run),
-                   KNOWSERVE_STACK_PROMETHEUS_PORT=str(free_port()), KNOWSERVE_RETRIEVAL_DENSE="false",
-                   KNOWSERVE_RETRIEVAL_DEFAULT_MODE="bm25",
-                   KNOWSERVE_GENERATION_MODELS=json.dumps([{"name": "tiny", "path": self.model, "replicas": 1,
-                                                            "replica_num_cpus": 0.5}]),
-                   KNOWSERVE_GENERATION_HTTP_PORT=str(free_port()),
-                   KNOWSERVE_GENERATION_DASHBOARD_PORT=str(free_port()),
-                   KNOWSERVE_GENERATION_LIVE_SAMPLE_RATE="0", KNOWSERVE_GENERATION_ANSWER_TARGET="",
-                   KNOWSERVE_TRAINING_DEFAULT_MODEL=self.model, KNOWSERVE_TRAINING_TRAINER_THREADS="1")
-        for name, port in self.ports.items():
-            env[f"KNOWSERVE_{name.upper()}_PORT"] = str(port)
-            env[f"KNOWSERVE_{name.upper()}_METRICS_PORT"] = str(free_port())
+        env = isolated_env(run, self.ports, RETRIEVAL_DENSE="false", RETRIEVAL_DEFAULT_MODE="bm25",
+                           GENERATION_MODELS=json.dumps([{"name": "tiny", "path": self.model, "replicas": 1,
+                                                          "replica_num_cpus": 0.5}]),
+                           GENERATION_HTTP_PORT=str(free_port()), GENERATION_DASHBOARD_PORT=str(free_port()),
+                           GENERATION_LIVE_SAMPLE_RATE="0", GENERATION_ANSWER_TARGET="",
+                           TRAINING_DEFAULT_MODEL=self.model, TRAINING_TRAINER_THREADS="1")
         self.env = env
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from rich.table import Table
 from services.common.addresses import LOCAL_HOST, SERVICES
 from services.common.auth import TOKEN_FILE_ENV
 from services.common.clients import ServiceClient
+from services.common.procs import free_port
 from services.common.progress import console as make_console
 from services.common.settings import ServiceSettings
 
@@ -185,6 +187,28 @@ def client_security_env() -> dict[str, str]:
     if state.get("tls") and (d / "node.pem").exists():
         env.update({auth.TLS_CA_ENV: str(d / "ca.pem"), auth.TLS_CERT_ENV: str(d / "node.pem"),
                     auth.TLS_KEY_ENV: str(d / "node-key.pem")})
+    return env
+
+
+def isolated_env(run: Path, ports: Mapping[str, int], base: Mapping[str, str] | None = None,
+                 **settings: str) -> dict[str, str]:
+    """The environment of a stack of its own beside any other (the tests' and benchmarks' stacks): its run
+    directory, the given service ports, a free metrics port per service and a free Prometheus port, the repository
+    on ``PYTHONPATH``, and each of ``settings`` as ``KNOWSERVE_<NAME>`` over ``base`` (default: this process's).
+
+    >>> env = isolated_env(Path("/tmp/run"), {"retrieval": 50999}, base={}, RETRIEVAL_DENSE="false")
+    >>> env["KNOWSERVE_RUN_DIR"], env["KNOWSERVE_RETRIEVAL_PORT"], env["KNOWSERVE_RETRIEVAL_DENSE"]
+    ('/tmp/run', '50999', 'false')
+    >>> env["KNOWSERVE_RETRIEVAL_METRICS_PORT"] != env["KNOWSERVE_STACK_PROMETHEUS_PORT"]
+    True
+    """
+    base = os.environ if base is None else base
+    env = dict(base, PYTHONPATH=f"{ROOT}{os.pathsep}{base.get('PYTHONPATH', '')}", KNOWSERVE_RUN_DIR=str(run),
+               KNOWSERVE_STACK_PROMETHEUS_PORT=str(free_port()))
+    for name, port in ports.items():
+        env[f"KNOWSERVE_{name.upper()}_PORT"] = str(port)
+        env[f"KNOWSERVE_{name.upper()}_METRICS_PORT"] = str(free_port())
+    env.update({f"KNOWSERVE_{k}": v for k, v in settings.items()})
     return env
 
 

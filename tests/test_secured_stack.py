@@ -31,6 +31,7 @@ from knowserve.training.v1 import training_service_pb2 as tpb
 from knowserve.training.v1 import training_service_pb2_grpc as tpb_grpc
 from knowserve.verification.v1 import verification_service_pb2 as vpb
 from knowserve.verification.v1 import verification_service_pb2_grpc as vpb_grpc
+from services.stack import isolated_env
 from tests.conftest import ROOT, free_port, reserved_port
 from tests.taught import teach
 
@@ -71,22 +72,16 @@ def secured_stack(tmp_path_factory):
     # test's generation app sets KNOWSERVE_TOKEN_FILE) must not leak in
     inherited = {k: v for k, v in os.environ.items() if k != "KNOWSERVE_TOKEN_FILE" and
                  not k.startswith("KNOWSERVE_TLS_")}
-    env = dict(inherited, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
-               KNOWSERVE_RUN_DIR=str(run), COLUMNS="200",
-               KNOWSERVE_STACK_PROMETHEUS_PORT=str(free_port()),
-               KNOWSERVE_RETRIEVAL_DENSE="false", KNOWSERVE_RETRIEVAL_DEFAULT_MODE="bm25",
-               KNOWSERVE_VERIFICATION_DEFAULT_JUDGE="lexical",
-               # generation: one tiny Llama; plaintext (Serve's proxy has no TLS) with its token enforced
-               KNOWSERVE_GENERATION_MODELS=json.dumps([
-                   {"name": "tiny", "path": model, "replicas": 1, "replica_num_cpus": 0.5},
-                   {"name": "searcher", "path": str(searcher), "replicas": 1, "replica_num_cpus": 0.25}]),
-               KNOWSERVE_GENERATION_HTTP_PORT=str(reserved_port()),
-               KNOWSERVE_GENERATION_DASHBOARD_PORT=str(reserved_port()),
-               KNOWSERVE_GENERATION_LIVE_SAMPLE_RATE="0", KNOWSERVE_GENERATION_ANSWER_TARGET="",
-               KNOWSERVE_TRAINING_DEFAULT_MODEL=model, KNOWSERVE_TRAINING_TRAINER_THREADS="1")
-    for name, port in ports.items():
-        env[f"KNOWSERVE_{name.upper()}_PORT"] = str(port)
-        env[f"KNOWSERVE_{name.upper()}_METRICS_PORT"] = str(free_port())
+    env = isolated_env(run, ports, base=inherited, RETRIEVAL_DENSE="false", RETRIEVAL_DEFAULT_MODE="bm25",
+                       VERIFICATION_DEFAULT_JUDGE="lexical",
+                       # generation: one tiny Llama; plaintext (Serve's proxy has no TLS) with its token enforced
+                       GENERATION_MODELS=json.dumps([
+                           {"name": "tiny", "path": model, "replicas": 1, "replica_num_cpus": 0.5},
+                           {"name": "searcher", "path": str(searcher), "replicas": 1, "replica_num_cpus": 0.25}]),
+                       GENERATION_HTTP_PORT=str(reserved_port()), GENERATION_DASHBOARD_PORT=str(reserved_port()),
+                       GENERATION_LIVE_SAMPLE_RATE="0", GENERATION_ANSWER_TARGET="",
+                       TRAINING_DEFAULT_MODEL=model, TRAINING_TRAINER_THREADS="1")
+    env.update(OMP_NUM_THREADS="1", COLUMNS="200")
     try:
         up = knowserve(env, "up", "--auth", "--tls", "--services", ",".join(STACK))
         assert up.stdout.count("SERVING") >= len(STACK), up.stdout + up.stderr

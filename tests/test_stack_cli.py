@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from services.stack import isolated_env
 from tests.conftest import ROOT, free_port
 
 
@@ -17,11 +18,11 @@ def knowserve(env, *args, check=True):
 
 
 def test_local_stack_lifecycle(tmp_path, subprocess_env):
-    port, prom_port = free_port(), free_port()
-    env = dict(subprocess_env, KNOWSERVE_RUN_DIR=str(tmp_path / "run"), KNOWSERVE_RETRIEVAL_PORT=str(port),
-               KNOWSERVE_RETRIEVAL_METRICS_PORT=str(free_port()), KNOWSERVE_RETRIEVAL_DENSE="false",
-               KNOWSERVE_RETRIEVAL_DEFAULT_MODE="bm25", COLUMNS="200",
-               KNOWSERVE_STACK_PROMETHEUS_PORT=str(prom_port))
+    port = free_port()
+    env = isolated_env(tmp_path / "run", {"retrieval": port}, base=subprocess_env, RETRIEVAL_DENSE="false",
+                       RETRIEVAL_DEFAULT_MODE="bm25")
+    env["COLUMNS"] = "200"
+    prom_port = int(env["KNOWSERVE_STACK_PROMETHEUS_PORT"])
     target = ["--target", f"127.0.0.1:{port}"]
     try:
         up = knowserve(env, "up", "--services", "retrieval")
@@ -68,10 +69,9 @@ def test_local_stack_lifecycle(tmp_path, subprocess_env):
 
 
 def test_up_reports_a_service_that_fails_to_start(tmp_path, subprocess_env):
-    env = dict(subprocess_env, KNOWSERVE_RUN_DIR=str(tmp_path / "run"), KNOWSERVE_RETRIEVAL_PORT=str(free_port()),
-               KNOWSERVE_RETRIEVAL_METRICS_PORT=str(free_port()), KNOWSERVE_RETRIEVAL_DENSE="false",
-               KNOWSERVE_RETRIEVAL_DEFAULT_MODE="bm25", KNOWSERVE_RETRIEVAL_BACKEND="elasticsearch",
-               KNOWSERVE_RETRIEVAL_ES_URL=f"http://127.0.0.1:{free_port()}", KNOWSERVE_RETRIEVAL_ES_TIMEOUT_SECONDS="1")
+    env = isolated_env(tmp_path / "run", {"retrieval": free_port()}, base=subprocess_env, RETRIEVAL_DENSE="false",
+                       RETRIEVAL_DEFAULT_MODE="bm25", RETRIEVAL_BACKEND="elasticsearch",
+                       RETRIEVAL_ES_URL=f"http://127.0.0.1:{free_port()}", RETRIEVAL_ES_TIMEOUT_SECONDS="1")
     result = knowserve(env, "up", "--services", "retrieval", "--timeout", "60", check=False)
     knowserve(env, "down", check=False)
     assert result.returncode != 0

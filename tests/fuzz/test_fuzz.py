@@ -34,6 +34,7 @@ from knowserve.reward.v1 import reward_service_pb2 as wpb
 from knowserve.training.v1 import training_service_pb2 as tpb
 from knowserve.verification.v1 import verification_service_pb2 as vpb
 from services.common.procs import free_port, rss_bytes, serve_pids
+from services.stack import isolated_env
 from tests.conftest import GENERATION_TOKEN, ROOT, GenerationApp
 from tests.fuzz import driver, hostile, strategies
 
@@ -111,17 +112,13 @@ def stack(tmp_path_factory):
                                         "replica_num_cpus": 0.5}]).start()
     run = tmp_path_factory.mktemp("fuzz-stack") / "run"
     ports = {name: free_port() for name in PLAIN}
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
-               KNOWSERVE_RUN_DIR=str(run), KNOWSERVE_STACK_PROMETHEUS_PORT=str(free_port()),
-               KNOWSERVE_RETRIEVAL_DENSE="false", KNOWSERVE_RETRIEVAL_DEFAULT_MODE="bm25",
-               KNOWSERVE_VERIFICATION_DEFAULT_JUDGE="lexical", KNOWSERVE_VERIFICATION_GENERATION_TARGET="",
-               KNOWSERVE_REWARD_GENERATION_TARGET="", KNOWSERVE_GENERATION_PORT=str(generation.port),
-               KNOWSERVE_ANSWER_GENERATION_APP_NAME=generation.app_name,
-               KNOWSERVE_TRAINING_GENERATION_APP_NAME=generation.app_name, KNOWSERVE_TOKEN_FILE=str(token),
-               KNOWSERVE_TRAINING_DEFAULT_MODEL=str(root / "v1"))
-    for name, port in ports.items():
-        env[f"KNOWSERVE_{name.upper()}_PORT"] = str(port)
-        env[f"KNOWSERVE_{name.upper()}_METRICS_PORT"] = str(free_port())
+    env = isolated_env(run, ports, RETRIEVAL_DENSE="false", RETRIEVAL_DEFAULT_MODE="bm25",
+                       VERIFICATION_DEFAULT_JUDGE="lexical", VERIFICATION_GENERATION_TARGET="",
+                       REWARD_GENERATION_TARGET="", GENERATION_PORT=str(generation.port),
+                       ANSWER_GENERATION_APP_NAME=generation.app_name,
+                       TRAINING_GENERATION_APP_NAME=generation.app_name, TOKEN_FILE=str(token),
+                       TRAINING_DEFAULT_MODEL=str(root / "v1"))
+    env["OMP_NUM_THREADS"] = "1"
     try:
         knowserve(env, "up", "--services", ",".join(PLAIN))
         s = Stack(env, run, ports, generation)

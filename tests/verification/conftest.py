@@ -34,9 +34,10 @@ UNVERIFIABLE_CLAIMS = ["Marie Curie played the violin in an orchestra.", "Mount 
 def verifier_model(tmp_path_factory):
     """A CPU-trained cross-encoder from `train_verifier` (the `knowserve train-verifier` recipe).
 
-    500 steps with the word embeddings frozen (~3 min on 2 cores; 950 steps of the whole model took ~11 min of the
-    CI's 40) on VitaminC + FEVER + contrastive edits of the Wikipedia demo corpus (the edits alone where BIG-bench
-    cannot be had), cached under .cache/test-verifier/<hash of the recipe and its code>, so a re-run reuses it.
+    500 steps with the word embeddings frozen (~5 min with its data on a fresh clone; 950 steps of the whole model
+    took ~11 min of the CI's 40) on VitaminC + FEVER + contrastive edits of the Wikipedia demo corpus (the edits
+    alone where BIG-bench cannot be had), cached under .cache/test-verifier/<hash of the recipe and its code>, so a
+    re-run reuses it.
     Measured on 2026-12-07: 7/10 fixture claims right with seeds 0 and 1, the same 7 as the 950-step recipe.
     """
     from services.retrieval.demo_corpus import build_wiki_corpus
