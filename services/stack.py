@@ -193,8 +193,9 @@ def client_security_env() -> dict[str, str]:
 def isolated_env(run: Path, ports: Mapping[str, int], base: Mapping[str, str] | None = None,
                  **settings: str) -> dict[str, str]:
     """The environment of a stack of its own beside any other (the tests' and benchmarks' stacks): its run
-    directory, the given service ports, a free metrics port per service and a free Prometheus port, the repository
-    on ``PYTHONPATH``, and each of ``settings`` as ``KNOWSERVE_<NAME>`` over ``base`` (default: this process's).
+    directory, the given service ports, a free metrics port per service and a free Prometheus port, and each of
+    ``settings`` as ``KNOWSERVE_<NAME>`` over ``base`` (default: this process's). The repository goes on
+    ``PYTHONPATH`` where a process is started (``_service_env``, a training run), not here.
 
     >>> env = isolated_env(Path("/tmp/run"), {"retrieval": 50999}, base={}, RETRIEVAL_DENSE="false")
     >>> env["KNOWSERVE_RUN_DIR"], env["KNOWSERVE_RETRIEVAL_PORT"], env["KNOWSERVE_RETRIEVAL_DENSE"]
@@ -203,8 +204,7 @@ def isolated_env(run: Path, ports: Mapping[str, int], base: Mapping[str, str] | 
     True
     """
     base = os.environ if base is None else base
-    env = dict(base, PYTHONPATH=f"{ROOT}{os.pathsep}{base.get('PYTHONPATH', '')}", KNOWSERVE_RUN_DIR=str(run),
-               KNOWSERVE_STACK_PROMETHEUS_PORT=str(free_port()))
+    env = dict(base, KNOWSERVE_RUN_DIR=str(run), KNOWSERVE_STACK_PROMETHEUS_PORT=str(free_port()))
     for name, port in ports.items():
         env[f"KNOWSERVE_{name.upper()}_PORT"] = str(port)
         env[f"KNOWSERVE_{name.upper()}_METRICS_PORT"] = str(free_port())
