@@ -8,9 +8,14 @@ True
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import socket
 from pathlib import Path
+
+# glibc's malloc.h parameter numbers for mallopt()
+M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8
 
 
 def free_port() -> int:
@@ -34,6 +39,32 @@ def memory_bytes(pid: int) -> dict[str, int]:
 def rss_bytes(pid: int) -> int:
     """Resident memory of a process in bytes (0 if it is gone)."""
     return memory_bytes(pid).get("VmRSS", 0)
+
+
+def tune_allocator(arena_max: int | None = None, mmap_threshold_bytes: int | None = None) -> dict[str, int]:
+    """Set glibc malloc options of this process, as ``MALLOC_ARENA_MAX`` / ``MALLOC_MMAP_THRESHOLD_`` would at exec;
+    the options applied (none off glibc, or when both are None).
+
+    A fixed mmap threshold turns off glibc's dynamic one, which rises to the size of the largest freed block (up to
+    32 MiB), after which multi-MB request buffers come from the heap and leave it fragmented; fewer arenas keep the
+    worker threads from each holding their own. Measured on the training service under 1,000 hostile requests per
+    RPC: resident memory drifted 72 -> 90 MiB over 30 rounds with glibc's defaults, stayed at 65-67 MiB with
+    (2, 1 MiB). A model's large tensors pay for it (MiniLM encoding 64 passages: 417 -> 500 ms), so services that
+    hold a model leave it off.
+
+    >>> tune_allocator(None, None)
+    {}
+    """
+    wanted = {name: value for name, value in (("arena_max", arena_max), ("mmap_threshold_bytes", mmap_threshold_bytes))
+              if value is not None}
+    path = ctypes.util.find_library("c")
+    if not wanted or path is None:
+        return {}
+    mallopt = getattr(ctypes.CDLL(path), "mallopt", None)
+    if mallopt is None:  # not glibc
+        return {}
+    params = {"arena_max": M_ARENA_MAX, "mmap_threshold_bytes": M_MMAP_THRESHOLD}
+    return {name: value for name, value in wanted.items() if mallopt(params[name], value) == 1}
 
 
 def serve_pids(launcher_pid: int) -> list[int]:

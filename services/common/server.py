@@ -367,6 +367,11 @@ def run_main(settings: ServiceSettings, app_factory: Callable[[ServiceSettings],
     from services.common.logs import configure_logging
 
     configure_logging(settings.service_name, settings.log_level, settings.log_json)
+    from services.common.procs import tune_allocator
+
+    tuned = tune_allocator(settings.malloc_arena_max, settings.malloc_mmap_threshold_bytes)
+    if tuned:
+        log.info("malloc tuned", extra=tuned)
 
     async def _main() -> None:
         await serve(settings, app_factory(settings))

@@ -72,6 +72,12 @@ class ServiceSettings(BaseSettings):
     clients: dict[str, ClientSecurity] = Field(
         default_factory=dict, description='Per-target overrides of the four client settings above, e.g. '
         '{"retrieval": {"token_file": "/run/secrets/retrieval-token", "tls_ca_file": "/etc/ca.pem"}} (JSON).')
+    malloc_arena_max: int | None = Field(
+        None, ge=1, description="glibc malloc arenas of the process (MALLOC_ARENA_MAX); unset: glibc's default "
+        "(8 per core). See services.common.procs.tune_allocator.")
+    malloc_mmap_threshold_bytes: int | None = Field(
+        None, ge=4096, le=32 << 20, description="Fixed glibc mmap threshold (MALLOC_MMAP_THRESHOLD_): blocks this "
+        "large are mapped and returned to the system when freed; unset: glibc's dynamic threshold.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_json: bool = Field(True, description="One JSON object per log line; false for human-readable lines.")
 

@@ -297,7 +297,8 @@ async def test_client_retries_unavailable_until_server_appears():
 def test_sigterm_drains_in_flight_calls_and_exits_zero(subprocess_env):
     port = free_port()
     env = dict(subprocess_env, KNOWSERVE_EXAMPLE_PORT=str(port), KNOWSERVE_EXAMPLE_GRACE_SECONDS="10",
-               KNOWSERVE_EXAMPLE_SHUTDOWN_DELAY_SECONDS="0.5")
+               KNOWSERVE_EXAMPLE_SHUTDOWN_DELAY_SECONDS="0.5", KNOWSERVE_EXAMPLE_MALLOC_ARENA_MAX="2",
+               KNOWSERVE_EXAMPLE_MALLOC_MMAP_THRESHOLD_BYTES=str(1 << 20))
     proc = subprocess.Popen([sys.executable, "-m", "tests.common.example_service"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -322,6 +323,8 @@ def test_sigterm_drains_in_flight_calls_and_exits_zero(subprocess_env):
         assert proc.wait(timeout=20) == 0
         log = proc.stdout.read().decode()
         assert '"msg": "draining"' in log and '"msg": "stopped"' in log
+        tuned = next(json.loads(line) for line in log.splitlines() if '"msg": "malloc tuned"' in line)
+        assert (tuned["arena_max"], tuned["mmap_threshold_bytes"]) == (2, 1 << 20)  # glibc's mallopt took both
     finally:
         if proc.poll() is None:
             proc.kill()
