@@ -8,10 +8,10 @@ from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.common.addresses import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, GENERATION_APP, default_target
-from services.common.settings import ServiceSettings
+from services.common.settings import ModelFreeServiceSettings
 
 
-class AnswerSettings(ServiceSettings):
+class AnswerSettings(ModelFreeServiceSettings):
     """Upstream services, limits and the live monitor of the answer service."""
 
     model_config = SettingsConfigDict(env_prefix="KNOWSERVE_ANSWER_", extra="ignore")

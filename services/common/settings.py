@@ -140,3 +140,12 @@ class ServiceSettings(BaseSettings):
     def client_metadata(self) -> tuple[tuple[str, str], ...]:
         """gRPC metadata every client of this service sends besides auth (Serve's proxy needs the application)."""
         return ()
+
+
+class ModelFreeServiceSettings(ServiceSettings):
+    """Settings of a service that holds no model (answer, reward, training): a small heap that multi-MB requests
+    must not leave fragmented, so 2 malloc arenas and a fixed 1 MiB mmap threshold by default
+    (:func:`services.common.procs.tune_allocator` has the figures)."""
+
+    malloc_arena_max: int | None = Field(2, ge=1)
+    malloc_mmap_threshold_bytes: int | None = Field(1 << 20, ge=4096, le=32 << 20)

@@ -8,12 +8,12 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from services.common.settings import ServiceSettings
+from services.common.settings import ModelFreeServiceSettings
 from services.common.text import END_MARKERS
 from services.common.addresses import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, GENERATION_APP, default_target
 
 
-class RewardSettings(ServiceSettings):
+class RewardSettings(ModelFreeServiceSettings):
     """Recipes, upstream verification and limits of the reward service."""
 
     model_config = SettingsConfigDict(env_prefix="KNOWSERVE_REWARD_", extra="ignore")

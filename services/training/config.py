@@ -7,11 +7,11 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from services.common.settings import ServiceSettings
+from services.common.settings import ModelFreeServiceSettings
 from services.common.addresses import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, GENERATION_APP, default_target
 
 
-class TrainingSettings(ServiceSettings):
+class TrainingSettings(ModelFreeServiceSettings):
     """Where runs live, which services they use, and how many may train at once."""
 
     model_config = SettingsConfigDict(env_prefix="KNOWSERVE_TRAINING_", extra="ignore")
