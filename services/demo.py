@@ -245,7 +245,8 @@ def demo_world_loop(console: Console, procs: dict) -> None:
             out.append(r)
             support = "-" if r["claim_support"] is None else f"{r['claim_support']:.0%}"
             console.print(f"  {ds.split(':')[1]:8s} v{r['weight_version']}: correct {r['correct']:.0%}, "
-                          f"hallucinated {r['incorrect']:.0%}, abstained {r['not_attempted']:.0%}; claim support "
+                          f"hallucinated {r['incorrect']:.0%} ({r['incorrect_cut_off']:.0%} cut off by a limit), "
+                          f"abstained {r['not_attempted']:.0%}; claim support "
                           f"{support}, AP {r['ap']:.2f}, searched {r['search_rate']:.0%} ({r['n']} questions)")
         return out
 
@@ -272,12 +273,14 @@ def demo_world_loop(console: Console, procs: dict) -> None:
     console.rule("13. evaluate again")
     after = evaluate_both("after")
     table = Table(title="held-out demo-world questions: before vs after GRPO")
-    for col in ("questions", "", "correct", "hallucinated", "abstained", "correct-or-abstain", "searched"):
+    for col in ("questions", "", "correct", "hallucinated", "of which cut off", "abstained", "correct-or-abstain",
+                "searched"):
         table.add_column(col, justify="left" if col in ("questions", "") else "right")
     for b, a in zip(before, after):
         name = b["benchmark"].split(":")[1]
         for tag, r in ((f"before v{b['weight_version']}", b), (f"after v{a['weight_version']}", a)):
-            table.add_row(name, tag, f"{r['correct']:.0%}", f"{r['incorrect']:.0%}", f"{r['not_attempted']:.0%}",
+            table.add_row(name, tag, f"{r['correct']:.0%}", f"{r['incorrect']:.0%}", f"{r['incorrect_cut_off']:.0%}",
+                          f"{r['not_attempted']:.0%}",
                           f"{r['correct_or_abstain']:.0%}", f"{r['search_rate']:.0%}")
     console.print(table)
     b, a = before[0], after[0]

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from services.common.addresses import GENERATION_APP, default_target
 from services.common.clients import ClientOptions
-from services.common.grading import (ANSWER_FROM, MATCHES, MISSING, NOT_ATTEMPTED, GradeOptions, checkable_text, grade,
-                                     take_answer)
+from services.common.grading import (ANSWER_FROM, INCORRECT, MATCHES, MISSING, NOT_ATTEMPTED, GradeOptions,
+                                     checkable_text, grade, take_answer)
 from services.common.text import END_MARKERS, strip_end_markers
 from services.common.tools import DEFAULT as DEFAULT_TOOL_PROTOCOL
 from services.common.tools import check as check_tool_protocol
@@ -78,6 +78,29 @@ def grade_options(cfg: EvalConfig, end_markers=END_MARKERS) -> GradeOptions:
     return GradeOptions(cfg.answer_from, cfg.match, tuple(end_markers))
 
 
+def finish_name(reason: int) -> str:
+    """A completion's finish reason as eval records it: ``stop`` (end of sequence or a stop string), ``length``
+    (cut off by max_tokens), ``tool_turns`` (cut off by the tool protocol's turn limit).
+
+    >>> [finish_name(r) for r in (1, 2, 3)]
+    ['stop', 'length', 'tool_turns']
+    """
+    from knowserve.generation.v1 import generation_service_pb2 as gpb
+
+    return gpb.FinishReason.Name(reason).removeprefix("FINISH_REASON_").lower()
+
+
+def incorrect_cut_off(records: list[dict]) -> float:
+    """Share of questions answered wrong by a completion that a limit cut off (no end of sequence): runaway text
+    graded as a hallucination, which a reader of the headline figure wants told apart from a confident wrong answer.
+
+    >>> incorrect_cut_off([{"grade": "INCORRECT", "finish": "length"}, {"grade": "INCORRECT", "finish": "stop"},
+    ...                    {"grade": "CORRECT", "finish": "length"}, {"grade": "INCORRECT", "finish": "tool_turns"}])
+    0.5
+    """
+    return sum(r["grade"] == INCORRECT and r["finish"] != "stop" for r in records) / len(records) if records else 0.0
+
+
 def grade_record(completion: str, row: QaRow, options: GradeOptions) -> dict:
     """The graded parts of one answer's record: the completion as the model's text (cut at its first end marker),
     the answer taken out of it and its grade."""
@@ -118,6 +141,7 @@ async def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
                 records.append({"id": row.id, "question": row.question, "gold_answers": row.gold_answers,
                                 **grade_record(c.text, row, options),
                                 "confidence": sequence_confidence(own), "searched": c.tool_turns > 0,
+                                "finish": finish_name(c.finish_reason),
                                 "weight_version": int(c.weight_version), "topic": row.topic})
             bar.update(len(chunk))
         bar.close()
@@ -130,6 +154,7 @@ async def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
               "model_name": info.model_name, "checkpoint": info.checkpoint_uri,
               "weight_version": versions[-1] if versions else int(info.weight_version),
               "weight_versions_seen": versions, "n": len(records), **rates(grades),
+              "incorrect_cut_off": incorrect_cut_off(records),
               "ap": average_precision([r["confidence"] for r in records], [g == "CORRECT" for g in grades]),
               "search_rate": sum(r["searched"] for r in records) / len(records),
               "claim_support": support, "seconds": time.monotonic() - start,
@@ -224,18 +249,24 @@ def plot_results(out_dir: Path) -> Path:
     return path
 
 
+def share_text(value: float | None) -> str:
+    """A share as the tables print it; "-" for a result written before the figure existed."""
+    return "-" if value is None else f"{value:.1%}"
+
+
 def summary_table(results: list[dict]):
     """A rich table of results (before/after rows)."""
     from rich.table import Table
 
     t = Table(title="hallucination by weight version")
-    for col in ("benchmark", "mode", "version", "n", "correct", "hallucinated", "abstained", "halluc./attempted",
-                "correct-or-abstain", "claim support", "AP", "searched"):
+    for col in ("benchmark", "mode", "version", "n", "correct", "hallucinated", "of which cut off", "abstained",
+                "halluc./attempted", "correct-or-abstain", "claim support", "AP", "searched"):
         t.add_column(col, justify="right" if col not in ("benchmark", "mode") else "left")
     for r in results:
         cs = r.get("claim_support")
         t.add_row(r["benchmark"], r["mode"], f"v{r['weight_version']}", str(r["n"]), f"{r['correct']:.1%}",
-                  f"{r['incorrect']:.1%}", f"{r['not_attempted']:.1%}", f"{r['hallucination_rate_attempted']:.1%}",
+                  f"{r['incorrect']:.1%}", share_text(r.get("incorrect_cut_off")), f"{r['not_attempted']:.1%}",
+                  f"{r['hallucination_rate_attempted']:.1%}",
                   f"{r['correct_or_abstain']:.1%}", "-" if cs is None else f"{cs:.1%}", f"{r['ap']:.2f}",
                   f"{r.get('search_rate', 0):.0%}")
     return t

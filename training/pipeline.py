@@ -382,14 +382,18 @@ def print_summary(state: PipelineState, console, chart: Path | None = None) -> P
     """The per-stage table (rich), the headline change and the chart; returns the chart's path."""
     from rich.table import Table
 
+    from training.eval import share_text
+
     t = Table(title=f"pipeline {state.name}: held-out questions after each stage")
-    for col in ("stage", "version", "correct", "hallucinated", "abstained", "halluc./attempted", "AP", "minutes"):
+    for col in ("stage", "version", "correct", "hallucinated", "of which cut off", "abstained", "halluc./attempted",
+                "AP", "minutes"):
         t.add_column(col, justify="left" if col == "stage" else "right")
     minutes = {s.name: s.seconds / 60 for s in state.stages}
     rows = table(state)
     for name, r in rows:
         t.add_row(name, f"v{r.get('weight_version')}", f"{r['correct']:.1%}", f"{r['incorrect']:.1%}",
-                  f"{r['not_attempted']:.1%}", f"{r['hallucination_rate_attempted']:.1%}", f"{r['ap']:.2f}",
+                  share_text(r.get("incorrect_cut_off")), f"{r['not_attempted']:.1%}",
+                  f"{r['hallucination_rate_attempted']:.1%}", f"{r['ap']:.2f}",
                   f"{minutes.get(name, 0):.1f}")
     console.print(t)
     first, last = rows[0][1], rows[-1][1]

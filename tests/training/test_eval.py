@@ -40,6 +40,12 @@ async def test_eval_grades_answers_writes_results_and_exports_gauges(training_st
     saved = json.loads(Path(unknown["path"]).read_text())
     assert len(saved["records"]) == questions
     assert {r["grade"] for r in saved["records"]} <= {"CORRECT", "INCORRECT", "NOT_ATTEMPTED"}
+    # runaway answers are told apart: every record says how its completion ended, and the cut-off share counts the
+    # wrong answers a limit ended (max_tokens or the tool turns) before any end of sequence
+    assert {r["finish"] for r in saved["records"]} <= {"stop", "length", "tool_turns"}
+    cut = [r for r in saved["records"] if r["grade"] == "INCORRECT" and r["finish"] != "stop"]
+    assert unknown["incorrect_cut_off"] == pytest.approx(len(cut) / questions)
+    assert unknown["incorrect_cut_off"] <= unknown["incorrect"]
     assert Path(unknown["chart"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     port = stack.training.server.metrics_port
