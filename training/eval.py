@@ -22,13 +22,13 @@ from pathlib import Path
 
 from services.common.addresses import GENERATION_APP, default_target
 from services.common.clients import ClientOptions
-from services.common.grading import (ANSWER_FROM, INCORRECT, MATCHES, MISSING, NOT_ATTEMPTED, GradeOptions,
-                                     checkable_text, grade, take_answer)
+from services.common.grading import (ANSWER_FROM, MATCHES, MISSING, NOT_ATTEMPTED, GradeOptions, checkable_text, grade,
+                                     take_answer)
 from services.common.text import END_MARKERS, strip_end_markers
 from services.common.tools import DEFAULT as DEFAULT_TOOL_PROTOCOL
 from services.common.tools import check as check_tool_protocol
 from training.data import QaRow, load_dataset
-from training.metrics import average_precision, rates, sequence_confidence
+from training.metrics import average_precision, incorrect_cut_off, rates, sequence_confidence
 from training.prompts import FORMATS, render_prompt, resolve_format
 
 DEFAULT_SYSTEM_PROMPT = ("Answer the question with a short phrase, without explanation. If you do not know the "
@@ -88,17 +88,6 @@ def finish_name(reason: int) -> str:
     from knowserve.generation.v1 import generation_service_pb2 as gpb
 
     return gpb.FinishReason.Name(reason).removeprefix("FINISH_REASON_").lower()
-
-
-def incorrect_cut_off(records: list[dict]) -> float:
-    """Share of questions answered wrong by a completion that a limit cut off (no end of sequence): runaway text
-    graded as a hallucination, which a reader of the headline figure wants told apart from a confident wrong answer.
-
-    >>> incorrect_cut_off([{"grade": "INCORRECT", "finish": "length"}, {"grade": "INCORRECT", "finish": "stop"},
-    ...                    {"grade": "CORRECT", "finish": "length"}, {"grade": "INCORRECT", "finish": "tool_turns"}])
-    0.5
-    """
-    return sum(r["grade"] == INCORRECT and r["finish"] != "stop" for r in records) / len(records) if records else 0.0
 
 
 def grade_record(completion: str, row: QaRow, options: GradeOptions) -> dict:

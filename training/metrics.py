@@ -33,6 +33,17 @@ def rates(grades: Sequence[str]) -> dict[str, float]:
             "f_score": 2 * c * (c / attempted) / (c + c / attempted) if attempted and c else 0.0}
 
 
+def incorrect_cut_off(records: list[dict]) -> float:
+    """Share of questions answered wrong by a completion that a limit cut off (no end of sequence): runaway text
+    graded as a hallucination, which a reader of the headline figure wants told apart from a confident wrong answer.
+
+    >>> incorrect_cut_off([{"grade": "INCORRECT", "finish": "length"}, {"grade": "INCORRECT", "finish": "stop"},
+    ...                    {"grade": "CORRECT", "finish": "length"}, {"grade": "INCORRECT", "finish": "tool_turns"}])
+    0.5
+    """
+    return sum(r["grade"] == INCORRECT and r["finish"] != "stop" for r in records) / len(records) if records else 0.0
+
+
 def sequence_confidence(logprobs: Sequence[float]) -> float:
     """Confidence of a completion from its token logprobs: the geometric-mean token probability.
 

@@ -9,7 +9,6 @@ True
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import socket
 from pathlib import Path
@@ -59,11 +58,8 @@ def tune_allocator(arena_max: int | None = None, mmap_threshold_bytes: int | Non
     """
     wanted = {name: value for name, value in (("arena_max", arena_max), ("mmap_threshold_bytes", mmap_threshold_bytes))
               if value is not None}
-    path = ctypes.util.find_library("c")
-    if not wanted or path is None:
-        return {}
-    mallopt = getattr(ctypes.CDLL(path), "mallopt", None)
-    if mallopt is None:  # not glibc
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None) if wanted else None  # the C library already loaded
+    if mallopt is None:  # nothing asked, or not glibc
         return {}
     params = {"arena_max": M_ARENA_MAX, "mmap_threshold_bytes": M_MMAP_THRESHOLD}
     return {name: value for name, value in wanted.items() if mallopt(params[name], value) == 1}

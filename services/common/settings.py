@@ -75,7 +75,8 @@ class ServiceSettings(BaseSettings):
     malloc_arena_max: int | None = Field(
         2, ge=1, description="glibc malloc arenas of the process (MALLOC_ARENA_MAX); unset: glibc's default "
         "(8 per core). 2 keeps retrieval's RSS swings under hostile traffic at 94-112 MiB instead of 106-138 at no "
-        "measured encoding cost. See services.common.procs.tune_allocator.")
+        "measured encoding cost. See services.common.procs.tune_allocator. Applied by services started with run_main; "
+        "generation's Serve replicas and proxy (Ray workers) keep glibc's defaults.")
     malloc_mmap_threshold_bytes: int | None = Field(
         None, ge=4096, le=32 << 20, description="Fixed glibc mmap threshold (MALLOC_MMAP_THRESHOLD_): blocks this "
         "large are mapped and returned to the system when freed; unset: glibc's dynamic threshold.")

@@ -34,7 +34,4 @@ class TrainingSettings(ModelFreeServiceSettings):
     trainer_threads: int = Field(1, ge=1, description="torch threads of each trainer process.")
     retry_seconds: float = Field(600.0, gt=0, description="How long a run waits for a service that is down.")
     max_steps_limit: int = Field(100_000, ge=1, description="Largest max_steps a run may ask for.")
-    # it holds no model: multi-MB requests must not leave its small heap fragmented (tune_allocator's figures)
-    malloc_arena_max: int | None = Field(2, ge=1)
-    malloc_mmap_threshold_bytes: int | None = Field(1 << 20, ge=4096, le=32 << 20)
     max_progress_poll_seconds: float = Field(0.5, gt=0, description="StreamRunProgress polling interval.")
