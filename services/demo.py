@@ -18,6 +18,7 @@ is shown, and a hallucination-gated swap of the pre-GRPO weights is decided on t
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import time
@@ -194,7 +195,6 @@ async def show_model_hallucination(console: Console, generation: str, verificati
 
 
 DEMO_WORLD_ENTITIES = 40  # per pool: taught, kb_only, copy
-GATE_ANSWERS = 60  # verified live answers per version the demo's gate compares
 
 
 def demo_world_loop(console: Console, procs: dict) -> None:
@@ -258,8 +258,10 @@ def demo_world_loop(console: Console, procs: dict) -> None:
         from training.data import load_dataset
         from training.prompts import render_prompt
 
-        rows = [r for ds in ("demo_world:kb_only:heldout", "demo_world:taught:heldout")
-                for r in load_dataset(ds, world_dir=world_dir)]
+        # the two pools interleaved, so that any run of consecutive answers (a gate's window) asks both alike
+        pools = [load_dataset(ds, world_dir=world_dir) for ds in ("demo_world:kb_only:heldout",
+                                                                  "demo_world:taught:heldout")]
+        rows = [r for pair in itertools.zip_longest(*pools) for r in pair if r is not None]
         traffic = LiveTraffic(procs["generation"].target, procs["answer"].target, DEMO_MODEL,
                               [render_prompt(r.question, "demo") for r in rows]).start()
         console.print(f"simulated users now ask {DEMO_MODEL} held-out questions ({len(rows)} in rotation); the "
@@ -297,8 +299,9 @@ def demo_world_loop(console: Console, procs: dict) -> None:
 
         console.rule("14. a hallucination-gated swap: the pre-GRPO weights as a candidate, judged on live traffic")
         try:
+            # one full rotation of the users' questions per version: both versions are judged on the same questions
             asyncio.run(gated_swap(console, procs["generation"].target, procs["answer"].target, DEMO_MODEL,
-                                   str(start), min_answers=GATE_ANSWERS, window_seconds=240))
+                                   str(start), min_answers=len(traffic.prompts), window_seconds=240))
         finally:
             traffic.stop()
         console.print(f"simulated users: {traffic.requests} requests, {traffic.failures} failed; live rate by "

@@ -78,18 +78,6 @@ def grade_options(cfg: EvalConfig, end_markers=END_MARKERS) -> GradeOptions:
     return GradeOptions(cfg.answer_from, cfg.match, tuple(end_markers))
 
 
-def finish_name(reason: int) -> str:
-    """A completion's finish reason as eval records it: ``stop`` (end of sequence or a stop string), ``length``
-    (cut off by max_tokens), ``tool_turns`` (cut off by the tool protocol's turn limit).
-
-    >>> [finish_name(r) for r in (1, 2, 3)]
-    ['stop', 'length', 'tool_turns']
-    """
-    from knowserve.generation.v1 import generation_service_pb2 as gpb
-
-    return gpb.FinishReason.Name(reason).removeprefix("FINISH_REASON_").lower()
-
-
 def grade_record(completion: str, row: QaRow, options: GradeOptions) -> dict:
     """The graded parts of one answer's record: the completion as the model's text (cut at its first end marker),
     the answer taken out of it and its grade."""
@@ -102,7 +90,7 @@ async def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     """Run the evaluation; returns the result dict (also written as JSON)."""
     from services.common.progress import progress as tqdm
 
-    from services.generation.client import GenerationClient
+    from services.generation.client import GenerationClient, finish_name
 
     cfg.check()
     rows = await asyncio.to_thread(load_dataset, cfg.dataset, None, cfg.limit, cfg.seed)

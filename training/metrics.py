@@ -11,6 +11,7 @@ import math
 from collections.abc import Sequence
 
 from services.common.grading import CORRECT, INCORRECT, MISSING, NOT_ATTEMPTED
+from services.generation.core import CUT_OFF
 
 
 def rates(grades: Sequence[str]) -> dict[str, float]:
@@ -41,7 +42,9 @@ def incorrect_cut_off(records: list[dict]) -> float:
     ...                    {"grade": "CORRECT", "finish": "length"}, {"grade": "INCORRECT", "finish": "tool_turns"}])
     0.5
     """
-    return sum(r["grade"] == INCORRECT and r["finish"] != "stop" for r in records) / len(records) if records else 0.0
+    if not records:
+        return 0.0
+    return sum(r["grade"] == INCORRECT and r.get("finish") in CUT_OFF for r in records) / len(records)
 
 
 def sequence_confidence(logprobs: Sequence[float]) -> float:

@@ -9,6 +9,22 @@ from knowserve.generation.v1 import generation_service_pb2_grpc as pb_grpc
 from services.common.addresses import GENERATION_APP
 from services.common.clients import ClientOptions, ServiceClient
 from services.common.tools import enum_name
+from services.generation.core import TOOL_TURNS
+from services.generation.engine import LENGTH, STOP
+
+# a completion's finish reason: domain name <-> the proto's FinishReason
+FINISH_REASONS = {STOP: pb.FINISH_REASON_STOP, LENGTH: pb.FINISH_REASON_LENGTH, TOOL_TURNS: pb.FINISH_REASON_TOOL_TURNS}
+_FINISH_NAMES = {value: name for name, value in FINISH_REASONS.items()}
+
+
+def finish_name(reason: int) -> str:
+    """A completion's finish reason by its domain name: ``stop`` (end of sequence or a stop string), ``length``
+    (cut off by max_tokens), ``tool_turns`` (cut off by the tool protocol's turn limit); "" when unspecified.
+
+    >>> [finish_name(r) for r in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH, pb.FINISH_REASON_TOOL_TURNS, 0)]
+    ['stop', 'length', 'tool_turns', '']
+    """
+    return _FINISH_NAMES.get(reason, "")
 
 
 def prompt_to_proto(prompt: str | Sequence[dict]) -> pb.Prompt:

@@ -32,6 +32,7 @@ from services.common.tools import NAMES as TOOL_NAMES, TOOL_PROTOCOLS, ToolProto
 from services.generation.engine import LENGTH, STOP, Engine, EngineOutput, Sampling, completion_text
 
 TOOL_TURNS = "tool_turns"  # finish reason: the tool-turn budget ran out while the model was still searching
+CUT_OFF = (LENGTH, TOOL_TURNS)  # finish reasons of a completion that a limit cut off (no end of sequence)
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 

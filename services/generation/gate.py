@@ -12,6 +12,10 @@ with a one-sided two-proportion z-test of "``v`` is worse by more than ``margin`
   **INCONCLUSIVE**, and ``v`` stays (the figures are shown, nothing is undone on too little evidence);
 * another swap or rollback of M before the decision -> **SUPERSEDED**.
 
+Both windows are taken as samples of the same traffic: if what users ask drifts between the previous version's
+last answers and the new version's first ones (easy questions then hard ones), the comparison is biased by it, so
+a ``min_answers`` that spans the traffic's usual mix is the lever as much as the sample size.
+
 The answer level is compared, not the claim level: answers are independent samples of traffic, the claims of one
 answer are not (a z-test on claims would count one bad answer's claims as independent evidence).
 """

@@ -23,12 +23,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from services.common import auth
 from services.common.errors import InvalidArgument, Unauthenticated
 from services.common.status import status_of, unwrap
+from services.generation.core import TOOL_TURNS
+from services.generation.engine import LENGTH, STOP
 
 _HTTP = {"INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "NOT_FOUND": 404, "FAILED_PRECONDITION": 400,
          "RESOURCE_EXHAUSTED": 429, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504}
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
           429: "rate_limit_error", 503: "server_error", 504: "server_error", 500: "server_error"}
-_FINISH = {"stop": "stop", "length": "length", "tool_turns": "length"}
+_FINISH = {STOP: "stop", LENGTH: "length", TOOL_TURNS: "length"}  # OpenAI has no finish reason for a turn limit
 
 
 class _Request(BaseModel):

@@ -25,10 +25,9 @@ from services.common import auth
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.server import check_parsed
 from services.common.status import CallRecord, status_of
+from services.generation.client import FINISH_REASONS
 
 log = logging.getLogger(__name__)
-
-_FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "tool_turns": pb.FINISH_REASON_TOOL_TURNS}
 
 
 def prompts_from_proto(prompts) -> list:
@@ -65,7 +64,7 @@ def params_from_proto(sampling: pb.SamplingParams, return_logprobs: bool, tool_p
 def completion_to_proto(c) -> pb.Completion:
     return pb.Completion(
         prompt_index=c.prompt_index, sample_index=c.sample_index, text=c.text, token_ids=c.token_ids,
-        logprobs=c.logprobs, env_mask=c.env_mask, finish_reason=_FINISH[c.finish_reason],
+        logprobs=c.logprobs, env_mask=c.env_mask, finish_reason=FINISH_REASONS[c.finish_reason],
         usage=pb.Usage(prompt_tokens=len(c.prompt_token_ids), completion_tokens=c.completion_tokens,
                        tool_tokens=c.tool_tokens),
         weight_version=c.weight_version, tool_turns=c.tool_turns, prompt_token_ids=c.prompt_token_ids)
@@ -201,7 +200,7 @@ class GenerationIngress:
                     version = delta.weight_version or version
                     yield pb.GenerateStreamResponse(
                         text_delta=delta.text, token_ids=delta.token_ids, logprobs=delta.logprobs,
-                        finish_reason=_FINISH.get(delta.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
+                        finish_reason=FINISH_REASONS.get(delta.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
                         weight_version=delta.weight_version, model=name,
                         usage=pb.Usage(prompt_tokens=delta.prompt_tokens, completion_tokens=delta.completion_tokens))
                 self.live.sample_one(name, version, prompt, "".join(parts))
