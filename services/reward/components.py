@@ -8,7 +8,8 @@ allowed choices, what it needs (gold answers; the verification or generation ser
 with ``@combiner(...)``. Adding one touches nothing else.
 
 Sources: KnowRL (zjunlp/KnowRL ``train/reward_function``), R1-Searcher (RUCAIBox, arXiv 2503.05592 §3.2),
-Search-R1 (PeterGriffinJin/Search-R1 ``verl/utils/reward_score/qa_em*.py``), R-Tuning (arXiv 2311.09677).
+Search-R1 (PeterGriffinJin/Search-R1 ``verl/utils/reward_score/qa_em*.py``), R-Tuning (arXiv 2311.09677), IKEA
+(arXiv 2505.07596, the knowledge-boundary reward).
 Answer matching and grading are the platform's one grader (:mod:`services.common.grading`), shared with eval.
 """
 
@@ -262,6 +263,29 @@ def refusal_aware(grade: str, correct: float = 1.0, abstain: float = 0.0, wrong:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Adaptive search (IKEA's knowledge-boundary reward)
+
+
+def search_economy(grade: str, searches: int, max_searches: int = 1, correct_bonus: float = 0.5,
+                   wrong_bonus: float = 0.0) -> float:
+    """Knowledge-boundary reward after IKEA (Huang et al., 2025, arXiv 2505.07596): a right answer earns
+    ``correct_bonus`` times the share of the search budget it left unused (``1 - searches / max_searches``), so
+    answering what the model knows beats looking it up; a wrong answer that searched earns ``wrong_bonus`` (looking
+    up what it does not know is the right move, even when the search fails); anything else earns 0.
+
+    >>> [search_economy(CORRECT, s) for s in (0, 1, 3)]   # more searches than the budget earn nothing
+    [0.5, 0.0, 0.0]
+    >>> search_economy(INCORRECT, 1, wrong_bonus=0.1), search_economy(INCORRECT, 0, wrong_bonus=0.1)
+    (0.1, 0.0)
+    """
+    if grade == CORRECT:
+        return correct_bonus * max(0.0, 1.0 - searches / max_searches)
+    if grade == INCORRECT and searches > 0:
+        return wrong_bonus
+    return 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The registry: what a recipe may name, and how each component is scored
 
 
@@ -454,6 +478,20 @@ def _refusal_aware(item: ScoreItem, *, correct: float, abstain: float, wrong: fl
                    answer_from: str) -> Value:
     g = grade(item.completion, item.gold_answers, options=GradeOptions(answer_from, match))
     return Value(refusal_aware(g, correct, abstain, wrong), g, grade=g)
+
+
+@component("search_economy", needs=[GOLD],
+           params={"max_searches": 1, "correct_bonus": 0.5, "wrong_bonus": 0.0, "tool_protocol": "r1_searcher",
+                   "match": "exact", "answer_from": "answer_tag"},
+           choices={**_GRADE_CHOICES, "tool_protocol": tuple(TOOL_PROTOCOLS)},
+           check=lambda p: ("max_searches", "must be at least 1") if p["max_searches"] < 1 else None,
+           description="IKEA's knowledge-boundary reward: a right answer earns the bonus times the unused share of "
+                       "the search budget; a wrong one that searched earns wrong_bonus")
+def _search_economy(item: ScoreItem, *, max_searches: int, correct_bonus: float, wrong_bonus: float,
+                    tool_protocol: str, match: str, answer_from: str) -> Value:
+    g = grade(item.completion, item.gold_answers, options=GradeOptions(answer_from, match))
+    searches = len(TOOL_PROTOCOLS[tool_protocol].exchanges(item.completion))
+    return Value(search_economy(g, searches, max_searches, correct_bonus, wrong_bonus), f"{g}, {searches} search(es)")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -115,6 +115,23 @@ def test_bad_recipes_name_the_field(spec, field):
     assert err.value.field == field, str(err.value)
 
 
-def test_builtin_recipes_are_the_six_seed_recipes():
-    assert sorted(load_recipes()) == ["knowrl", "r1_searcher_stage1", "r1_searcher_stage2", "refusal_aware",
-                                      "search_r1_em", "search_r1_format"]
+def test_builtin_recipes_are_the_seed_recipes():
+    assert sorted(load_recipes()) == ["knowrl", "knowrl_adaptive_search", "r1_searcher_stage1", "r1_searcher_stage2",
+                                      "refusal_aware", "search_r1_em", "search_r1_format"]
+
+
+async def test_adaptive_search_pays_a_known_answer_more_without_a_search():
+    """IKEA's knowledge-boundary reward on top of KnowRL: the same right answer earns 0.5 more closed-book than
+    after a search; a search is still worth it where it turns a wrong answer into a right one."""
+    search = ("<|begin_of_query|> capital of France<|end_of_query|>\n<|begin_of_documents|>\n(1) Paris: Paris is "
+              "the capital of France.\n<|end_of_documents|>\n")
+    items = [ScoreItem("Capital of France?", FORMATTED_CORRECT, ["Paris"]),
+             ScoreItem("Capital of France?", f"<think>{search}The capital is Paris.</think><answer>Paris</answer>",
+                       ["Paris"]),
+             ScoreItem("Capital of France?", "<think>It is Lyon.</think><answer>Lyon</answer>", ["Paris"])]
+    _, scores = await core_with_fact_score(0.0).score("knowrl_adaptive_search", None, items)
+    economy = [next(c for c in s.components if c.name == "search_economy") for s in scores]
+    assert [c.value for c in economy] == [0.5, 0.0, 0.0]
+    assert [c.detail for c in economy] == ["CORRECT, 0 search(es)", "CORRECT, 1 search(es)",
+                                           "INCORRECT, 0 search(es)"]
+    assert [s.total for s in scores] == pytest.approx([3.5, 3.0, 0.0])  # wrong: format +1, -1 + fact score 0

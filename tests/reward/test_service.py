@@ -118,15 +118,15 @@ async def test_verification_down_is_unavailable_or_not_applicable_by_setting(sta
 async def test_list_recipes_grpcurl_and_metrics(reward_stack):
     _, _, reward = reward_stack
     names = [r.name for r in (await reward.client.list_recipes()).recipes]
-    assert names == ["knowrl", "r1_searcher_stage1", "r1_searcher_stage2", "refusal_aware", "search_r1_em",
-                     "search_r1_format"]
+    assert names == ["knowrl", "knowrl_adaptive_search", "r1_searcher_stage1", "r1_searcher_stage2", "refusal_aware",
+                     "search_r1_em", "search_r1_format"]
     out = await run_tool(tool("grpcurl"), "-plaintext", "-d",
                          '{"recipe": "refusal_aware", "items": [{"completion": "<answer>Paris</answer>", '
                          '"goldAnswers": ["Paris"]}]}', reward.server.address,
                          "knowserve.reward.v1.RewardService/Score")
     assert out.returncode == 0, out.stderr
     assert '"total": 1' in out.stdout and '"recipe_version": "1.0.0"' in out.stdout
-    await reward.client.score("knowrl", completions_64()[:8])
+    await reward.client.score("knowrl", completions_64()[:16])  # right, hallucinated and refused answers
     text = urllib.request.urlopen(f"http://127.0.0.1:{reward.server.metrics_port}/metrics").read().decode()
     assert 'knowserve_reward_answers_total{grade="not_attempted",recipe="knowrl"}' in text
     assert 'knowserve_reward_component_value_bucket{component="factuality",le="0.0",recipe="knowrl"}' in text
